@@ -1,0 +1,197 @@
+"""The public entry points: ``merge_tensors`` (one tensor) and ``merge_state_dicts`` (whole models).
+
+Both validate everything first (method name, parameters, shapes, dtypes, NaN/Inf), run the
+method's whole-model analysis when it needs one, then merge tensor by tensor through
+``merge_one`` — the same function the disk-to-disk engine calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from . import backends
+from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions
+from .errors import InputError
+from .registry import MergeMethod, get_method
+from .source import InMemorySource, TensorSource
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise InputError(f"{what} contains {n_nan} NaN and {n_inf} Inf values; refusing to merge it")
+
+
+def check_tensors(
+    name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, check_finite: bool = True
+) -> None:
+    """Shapes equal, experts non-empty, float dtypes, finite values; errors name the tensor."""
+    label = f"tensor {name!r}" if name else "tensor"
+    if not isinstance(base, torch.Tensor):
+        raise InputError(f"{label}: base must be a torch.Tensor, got {type(base).__name__}")
+    for i, e in enumerate(experts):
+        if not isinstance(e, torch.Tensor):
+            raise InputError(f"{label}: expert {i} must be a torch.Tensor, got {type(e).__name__}")
+        if e.shape != base.shape:
+            raise InputError(
+                f"{label}: expert {i} has shape {tuple(e.shape)} but the base has {tuple(base.shape)}"
+            )
+        if e.device != base.device:
+            raise InputError(f"{label}: expert {i} is on {e.device} but the base is on {base.device}")
+    if check_finite and base.is_floating_point():
+        _check_finite(base, f"{label} of the base")
+        for i, e in enumerate(experts):
+            _check_finite(e, f"{label} of expert {i}")
+
+
+def _validate_call(method: str, n_experts: int, params: dict[str, Any]) -> tuple[MergeMethod, Any]:
+    spec = get_method(method)
+    if n_experts == 0:
+        raise InputError(f"{method}: the list of experts is empty; give at least {spec.min_experts}")
+    p = spec.validate(params)
+    inner, _ = spec.innermost(p)
+    lo, hi = inner.min_experts, inner.max_experts
+    if n_experts < lo or (hi is not None and n_experts > hi):
+        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        raise InputError(f"{inner.name} needs {need} expert(s) besides the base, got {n_experts}")
+    return spec, p
+
+
+def merge_one(
+    spec: MergeMethod,
+    params: Any,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Merge one tensor with validated parameters; returns it in base's dtype and device.
+
+    Non-float tensors (integer buffers) are taken from the base. LwPTV keep flags are applied
+    here, for every method: a pruned (task, layer) contributes the base tensor, i.e. a zero
+    task vector.
+    """
+    if not base.is_floating_point():
+        return base.clone()
+    method, method_params = spec.innermost(params)
+    keep = ctx.decisions.keep
+    if keep is not None and not all(keep):
+        experts = [e if k else base for e, k in zip(experts, keep)]
+    impl = backends.choose(method, method_params, base, experts, ctx, backend)
+    if ctx.report is not None:
+        ctx.report.backends[ctx.name] = impl.backend
+    out = impl.fn(base, experts, method_params, ctx)
+    return out.to(dtype=base.dtype, device=base.device)
+
+
+def analyze(spec: MergeMethod, params: Any, source: TensorSource) -> ModelDecisions:
+    decisions = ModelDecisions()
+    if spec.needs_analysis(params):
+        spec.run_analysis(params, source, decisions)
+    return decisions
+
+
+def merge_tensors(
+    method: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    backend: str | None = None,
+    name: str = "",
+    report: MergeReport | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """Merge one tensor: ``base`` is the pre-trained tensor, ``experts`` fine-tuned tensors of the
+    same shape. Returns the merged tensor in base's dtype and device. Methods that need
+    whole-model facts treat the tensor as a one-tensor model. ``name`` is used for per-tensor
+    seeding and name-based rules (WUDI's tensor selection)."""
+    experts = list(experts)
+    spec, p = _validate_call(method, len(experts), params)
+    check_tensors(name, base, experts)
+    key = name or "tensor"
+    merged = _merge_validated(
+        spec, p, {key: base}, [{key: e} for e in experts], backend=backend, report=report
+    )
+    return merged[key]
+
+
+def _merge_validated(
+    spec: MergeMethod,
+    p: Any,
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    backend: str | None,
+    report: MergeReport | None,
+) -> dict[str, torch.Tensor]:
+    source = InMemorySource(base, experts)
+    decisions = analyze(spec, p, source)
+    if report is not None:
+        report.method = spec.name
+        report.decisions = decisions
+    out: dict[str, torch.Tensor] = {}
+    for key in source.names:
+        b, es = source.load(key)
+        ctx = TensorContext(name=key, decisions=decisions.tensors.get(key, TensorDecisions()), report=report)
+        out[key] = merge_one(spec, p, b, es, ctx, backend=backend)
+    return out
+
+
+def merge_state_dicts(
+    method: str,
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    backend: str | None = None,
+    report: MergeReport | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge whole models given as dicts of tensors (same keys and shapes in every dict).
+
+    Methods whose decisions span tensors (TIES with ``topk_scope="model"``, TADrop, LwPTV,
+    WUDI's choice of tensors) see the whole model here. Pass a ``MergeReport`` to receive
+    per-tensor numbers (WUDI's loss), the backend used per tensor and the analysis decisions."""
+    experts = list(experts)
+    spec, p = _validate_call(method, len(experts), params)
+    keys = list(base.keys())
+    key_set = set(keys)
+    for i, sd in enumerate(experts):
+        missing = key_set - set(sd.keys())
+        extra = set(sd.keys()) - key_set
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+            if extra:
+                parts.append(f"has extra {sorted(extra)[:5]}{' ...' if len(extra) > 5 else ''}")
+            raise InputError(f"expert {i}'s state dict does not match the base: it {' and '.join(parts)}")
+    for key in keys:
+        check_tensors(key, base[key], [sd[key] for sd in experts])
+    return _merge_validated(spec, p, base, experts, backend=backend, report=report)
+
+
+def describe(method: str) -> dict[str, Any]:
+    """Name, one-line doc, reference and parameter rows of a method (for docs and the CLI)."""
+    from .params import describe_params
+
+    spec = get_method(method)
+    return {
+        "name": spec.name,
+        "doc": spec.doc,
+        "reference": spec.reference,
+        "params": describe_params(spec.params),
+        "backends": ["torch", *spec.impls],
+    }
+
+
+def iter_describe() -> Iterable[dict[str, Any]]:
+    from .registry import list_methods
+
+    for name in list_methods():
+        yield describe(name)

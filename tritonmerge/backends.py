@@ -1,0 +1,129 @@
+"""Which implementation runs a merge: ``cuda`` -> ``triton`` -> ``torch``, per call, with reasons.
+
+The torch reference is always available and is the specification. Fast implementations
+register themselves on a method (``MergeMethod.register_impl``) with a ``supports`` function
+that returns the reasons it cannot take a call. Selection: the ``backend=`` argument, else
+``TRITONMERGE_BACKEND`` (auto | cuda | triton | torch), else auto. An explicit request that
+cannot be met raises ``BackendUnavailableError`` with every reason; auto walks the priority
+list and logs its choice once. Nothing here imports triton or CUDA code at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .context import TensorContext
+from .errors import BackendUnavailableError, ParameterError
+from .registry import Implementation, MergeMethod
+
+log = logging.getLogger("tritonmerge")
+
+BACKENDS = ("cuda", "triton", "torch")
+PRIORITY = ("cuda", "triton", "torch")
+_logged: set[tuple[str, str, str]] = set()
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    value = explicit if explicit is not None else os.environ.get("TRITONMERGE_BACKEND", "auto")
+    value = value.strip().lower() or "auto"
+    if value not in ("auto", *BACKENDS):
+        source = "backend=" if explicit is not None else "TRITONMERGE_BACKEND="
+        raise ParameterError(f"{source}{value!r} is not a backend; choose auto, cuda, triton or torch")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> str | None:
+    """None when Triton can run kernels here, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable: {exc}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def extension_status() -> tuple[Any, str | None]:
+    """(module, None) when the compiled extension ``tritonmerge._C`` loads, else (None, reason)."""
+    if os.environ.get("TRITONMERGE_DISABLE_EXT") == "1":
+        return None, "disabled by TRITONMERGE_DISABLE_EXT=1"
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except Exception as exc:
+        return None, (
+            f"the CUDA extension tritonmerge._C is not built ({exc}); it is built by setup.py "
+            "when nvcc and a CUDA build of torch are present"
+        )
+    return _C, None
+
+
+def _torch_impl(method: MergeMethod) -> Implementation:
+    return Implementation("torch", method.merge_tensor, lambda *a: [])
+
+
+def reasons_against(
+    method: MergeMethod, backend: str, params: Any, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext
+) -> list[str]:
+    if backend == "torch":
+        return []
+    impl = method.implementation(backend)
+    if impl is None:
+        return [f"{method.name} has no {backend} implementation"]
+    if backend == "triton" and (why := triton_status()):
+        return [why]
+    if backend == "cuda" and (why := extension_status()[1]):
+        return [why]
+    return impl.supports(params, base, experts, ctx)
+
+
+def choose(
+    method: MergeMethod,
+    params: Any,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    ctx: TensorContext,
+    backend: str | None = None,
+) -> Implementation:
+    want = requested_backend(backend)
+    if want != "auto":
+        why = reasons_against(method, want, params, base, experts, ctx)
+        if why:
+            raise BackendUnavailableError(
+                f"backend {want!r} cannot merge tensor {ctx.name!r} with {method.name} "
+                f"({tuple(base.shape)}, {base.dtype}, {base.device}, {len(experts)} experts): " + "; ".join(why)
+            )
+        return _torch_impl(method) if want == "torch" else method.impls[want]
+    for candidate in PRIORITY:
+        why = reasons_against(method, candidate, params, base, experts, ctx)
+        key = (method.name, candidate, str(base.dtype))
+        if not why:
+            if key not in _logged:
+                _logged.add(key)
+                log.debug("%s: using the %s backend for %s tensors", method.name, candidate, base.dtype)
+            return _torch_impl(method) if candidate == "torch" else method.impls[candidate]
+        if key not in _logged and base.is_cuda:
+            _logged.add(key)
+            log.debug("%s: %s backend not used: %s", method.name, candidate, "; ".join(why))
+    raise AssertionError("the torch backend always supports a call")
+
+
+def method_backends(method: MergeMethod) -> dict[str, str | None]:
+    """For ``tritonmerge info``: each backend -> None if it could run here, else why not."""
+    out: dict[str, str | None] = {"torch": None}
+    for b in ("triton", "cuda"):
+        if b not in method.impls:
+            out[b] = "no implementation"
+        elif b == "triton":
+            out[b] = triton_status()
+        else:
+            out[b] = extension_status()[1]
+    return out

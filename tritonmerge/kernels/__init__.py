@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers only: no policy, no registry. Imported lazily."""
