@@ -77,6 +77,9 @@ class TensorContext:
     name: str = ""
     decisions: TensorDecisions = field(default_factory=TensorDecisions)
     report: "MergeReport | None" = None
+    # flat index of this tensor's first element within the full tensor: non-zero when the engine
+    # merges a row chunk, so counter-based random masks come out the same as for the whole tensor
+    element_offset: int = 0
 
     @property
     def layer(self) -> int | None:

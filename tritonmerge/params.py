@@ -90,9 +90,10 @@ def _describe_allowed(model: type[MethodParams], field_name: str) -> str:
 def validate_params(method_name: str, model: type[MethodParams], params: dict[str, Any]) -> MethodParams:
     """Build ``model`` from ``params``; any problem becomes a ParameterError that names the
     method, the parameter, the value given and what is allowed."""
-    allowed = list(model.model_fields)
+    names = param_names(model)
+    allowed = list(names)
     for key in params:
-        if key not in model.model_fields:
+        if key not in names:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ParameterError(
@@ -103,16 +104,35 @@ def validate_params(method_name: str, model: type[MethodParams], params: dict[st
         return model(**params)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors():
+        for err in _one_error_per_field(exc.errors(), params):
             loc = err.get("loc", ())
             field = str(loc[0]) if loc else "?"
+            attr = names.get(field, field)
             value = params.get(field, err.get("input"))
             detail = err.get("msg", "invalid")
             problems.append(
                 f"{method_name}: parameter {field!r} = {value!r} is not allowed ({detail})"
-                + (f"; allowed: {field_doc(model, field)}" if field in model.model_fields else "")
+                + (f"; allowed: {field_doc(model, attr)}" if attr in model.model_fields else "")
             )
         raise ParameterError("; ".join(dict.fromkeys(problems))) from None
+
+
+def _one_error_per_field(errors: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A scalar-or-list field fails in both union branches; keep the branch the user meant."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for err in errors:
+        loc = err.get("loc", ())
+        field = str(loc[0]) if loc else "?"
+        is_list_branch = any(isinstance(part, int) for part in loc) or err.get("type") == "list_type"
+        meant_list = isinstance(params.get(field), (list, tuple))
+        if field not in chosen or (is_list_branch == meant_list and err.get("type") != "list_type"):
+            chosen[field] = err
+    return list(chosen.values())
+
+
+def param_names(model: type[MethodParams]) -> dict[str, str]:
+    """User-facing parameter name (the alias where one is set, e.g. ``lambda``) -> attribute name."""
+    return {(info.alias or name): name for name, info in model.model_fields.items()}
 
 
 def field_doc(model: type[MethodParams], field_name: str) -> str:
@@ -128,7 +148,7 @@ def describe_params(model: type[MethodParams]) -> list[dict[str, Any]]:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         rows.append(
             {
-                "name": name,
+                "name": info.alias or name,
                 "default": None if info.is_required() else info.default,
                 "required": info.is_required(),
                 "per_model": bool(extra.get("per_model")),
