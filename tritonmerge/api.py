@@ -13,7 +13,8 @@ import torch
 
 from . import backends
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions
-from .errors import InputError
+from .errors import InputError, ParameterError
+from .params import describe_params, param_names
 from .registry import MergeMethod, get_method
 from .source import InMemorySource, TensorSource
 
@@ -49,11 +50,28 @@ def check_tensors(
             _check_finite(e, f"{label} of expert {i}")
 
 
+def _check_per_model_lengths(spec: MergeMethod, p: Any, n_experts: int) -> None:
+    from .registry import Composite
+
+    if isinstance(p, Composite):
+        _check_per_model_lengths(spec, p.own, n_experts)
+        _check_per_model_lengths(p.inner, p.inner_params, n_experts)
+        return
+    for row in describe_params(type(p)):
+        value = getattr(p, param_names(type(p))[row["name"]])
+        if row["per_model"] and isinstance(value, (list, tuple)) and len(value) != n_experts:
+            raise ParameterError(
+                f"{spec.name}: parameter {row['name']!r} has {len(value)} values but there are "
+                f"{n_experts} experts; give one value per expert or a single number"
+            )
+
+
 def _validate_call(method: str, n_experts: int, params: dict[str, Any]) -> tuple[MergeMethod, Any]:
     spec = get_method(method)
     if n_experts == 0:
         raise InputError(f"{method}: the list of experts is empty; give at least {spec.min_experts}")
     p = spec.validate(params)
+    _check_per_model_lengths(spec, p, n_experts)
     inner, _ = spec.innermost(p)
     lo, hi = inner.min_experts, inner.max_experts
     if n_experts < lo or (hi is not None and n_experts > hi):

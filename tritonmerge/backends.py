@@ -1,9 +1,10 @@
-"""Which implementation runs a merge: ``cuda`` -> ``triton`` -> ``torch``, per call, with reasons.
+"""Which implementation runs a merge: ``cuda`` -> ``triton`` -> ``cpu`` -> ``torch``, per call, with reasons.
 
 The torch reference is always available and is the specification. Fast implementations
 register themselves on a method (``MergeMethod.register_impl``) with a ``supports`` function
 that returns the reasons it cannot take a call. Selection: the ``backend=`` argument, else
-``TRITONMERGE_BACKEND`` (auto | cuda | triton | torch), else auto. An explicit request that
+``TRITONMERGE_BACKEND`` (auto | cuda | triton | cpu | torch), else auto. ``cpu`` is the fused C
+loops compiled on first use (ops/cpu_kernels.py); ``cuda`` the compiled extension. An explicit request that
 cannot be met raises ``BackendUnavailableError`` with every reason; auto walks the priority
 list and logs its choice once. Nothing here imports triton or CUDA code at import time.
 """
@@ -23,8 +24,8 @@ from .registry import Implementation, MergeMethod
 
 log = logging.getLogger("tritonmerge")
 
-BACKENDS = ("cuda", "triton", "torch")
-PRIORITY = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+PRIORITY = ("cuda", "triton", "cpu", "torch")
 _logged: set[tuple[str, str, str]] = set()
 
 
@@ -33,7 +34,7 @@ def requested_backend(explicit: str | None = None) -> str:
     value = value.strip().lower() or "auto"
     if value not in ("auto", *BACKENDS):
         source = "backend=" if explicit is not None else "TRITONMERGE_BACKEND="
-        raise ParameterError(f"{source}{value!r} is not a backend; choose auto, cuda, triton or torch")
+        raise ParameterError(f"{source}{value!r} is not a backend; choose auto, {', '.join(BACKENDS)}")
     return value
 
 
@@ -66,6 +67,17 @@ def extension_status() -> tuple[Any, str | None]:
     return _C, None
 
 
+def cpu_status() -> str | None:
+    """None when the fused C loops are compiled and loadable, else why not."""
+    if os.environ.get("TRITONMERGE_DISABLE_CPU_KERNELS") == "1":
+        return "disabled by TRITONMERGE_DISABLE_CPU_KERNELS=1"
+    try:
+        from .ops import cpu_kernels
+    except Exception as exc:  # pragma: no cover - only when the module is broken
+        return f"the fused CPU kernels cannot be imported: {exc}"
+    return cpu_kernels.status()
+
+
 def _torch_impl(method: MergeMethod) -> Implementation:
     return Implementation("torch", method.merge_tensor, lambda *a: [])
 
@@ -81,6 +93,8 @@ def reasons_against(
     if backend == "triton" and (why := triton_status()):
         return [why]
     if backend == "cuda" and (why := extension_status()[1]):
+        return [why]
+    if backend == "cpu" and (why := cpu_status()):
         return [why]
     return impl.supports(params, base, experts, ctx)
 
@@ -103,6 +117,8 @@ def choose(
             )
         return _torch_impl(method) if want == "torch" else method.impls[want]
     for candidate in PRIORITY:
+        if candidate in ("cuda", "triton") and not base.is_cuda:
+            continue  # the Triton interpreter runs CPU tensors only when asked for explicitly
         why = reasons_against(method, candidate, params, base, experts, ctx)
         key = (method.name, candidate, str(base.dtype))
         if not why:
@@ -119,11 +135,7 @@ def choose(
 def method_backends(method: MergeMethod) -> dict[str, str | None]:
     """For ``tritonmerge info``: each backend -> None if it could run here, else why not."""
     out: dict[str, str | None] = {"torch": None}
-    for b in ("triton", "cuda"):
-        if b not in method.impls:
-            out[b] = "no implementation"
-        elif b == "triton":
-            out[b] = triton_status()
-        else:
-            out[b] = extension_status()[1]
+    status = {"triton": triton_status, "cuda": lambda: extension_status()[1], "cpu": cpu_status}
+    for b in ("cuda", "triton", "cpu"):
+        out[b] = "no implementation" if b not in method.impls else status[b]()
     return out
