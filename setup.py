@@ -5,8 +5,46 @@ from setuptools import find_packages, setup
 
 
 def _extension_modules():
-    """The optional CUDA extension; an empty list with a one-line notice where it cannot be built."""
-    return [], {}
+    """The optional CUDA extension ``tritonmerge._C`` (sources: every csrc/*.cu and csrc/*.cpp).
+
+    Built only when torch is importable here, nvcc is found and torch is a CUDA build, or when
+    TRITONMERGE_FORCE_CUDA=1; TRITONMERGE_SKIP_CUDA_BUILD=1 never builds it. Otherwise: an empty
+    list and a one-line notice. pip builds in an isolated environment without torch by default,
+    so build the extension with ``pip install -e . --no-build-isolation``. Architectures:
+    TORCH_CUDA_ARCH_LIST or TRITONMERGE_CUDA_ARCHS (e.g. "8.0;9.0")."""
+    import glob
+    import os
+    import sys
+
+    def skip(reason):
+        print(f"tritonmerge: not building the CUDA extension ({reason}); installing pure Python", file=sys.stderr)
+        return [], {}
+
+    if os.environ.get("TRITONMERGE_SKIP_CUDA_BUILD") == "1":
+        return skip("TRITONMERGE_SKIP_CUDA_BUILD=1")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as exc:  # pip's isolated build environment has no torch
+        return skip(f"torch is not importable at build time: {exc}; use pip install --no-build-isolation")
+    force = os.environ.get("TRITONMERGE_FORCE_CUDA") == "1"
+    if not force:
+        if torch.version.cuda is None:
+            return skip(f"torch {torch.__version__} is not a CUDA build")
+        if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+            return skip("nvcc not found (set CUDA_HOME)")
+    archs = os.environ.get("TRITONMERGE_CUDA_ARCHS")
+    if archs and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    ext = CUDAExtension(
+        name="tritonmerge._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extension_modules()

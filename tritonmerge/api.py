@@ -154,11 +154,53 @@ def _merge_validated(
         report.method = spec.name
         report.decisions = decisions
     out: dict[str, torch.Tensor] = {}
-    for key in source.names:
-        b, es = source.load(key)
-        ctx = TensorContext(name=key, decisions=decisions.tensors.get(key, TensorDecisions()), report=report)
-        out[key] = merge_one(spec, p, b, es, ctx, backend=backend)
-    return out
+
+    def context(key: str) -> TensorContext:
+        return TensorContext(name=key, decisions=decisions.tensors.get(key, TensorDecisions()), report=report)
+
+    for group in plan_groups(spec, p, source):
+        if len(group) == 1:
+            key = group[0]
+            b, es = source.load(key)
+            out[key] = merge_one(spec, p, b, es, context(key), backend=backend)
+            continue
+        method, method_params = spec.innermost(p)
+        items = [(*source.load(key), context(key)) for key in group]
+        for key, merged in zip(group, method.merge_group(method_params, items, backend=backend)):
+            out[key] = merged
+    return {key: out[key] for key in source.names}
+
+
+def plan_groups(
+    spec: MergeMethod, params: Any, source: TensorSource, device: torch.device | str = "cpu"
+) -> list[list[str]]:
+    """The order of work: single tensors, and batches of tensors that the method merges together
+    (``group_key``/``merge_group``, e.g. same-shaped WUDI layers), each batch within the method's
+    memory budget. Every tensor appears exactly once."""
+    method, method_params = spec.innermost(params)
+    if method.group_key is None or method.merge_group is None:
+        return [[name] for name in source.names]
+    grouped: dict[Any, list[str]] = {}
+    order: list[Any] = []
+    for name in source.names:
+        key = method.group_key(method_params, name, source.shape(name), source.dtype(name))
+        if key is None:
+            key = ("single", name)
+        if key not in grouped:
+            grouped[key] = []
+            order.append(key)
+        grouped[key].append(name)
+    plan: list[list[str]] = []
+    for key in order:
+        names = grouped[key]
+        if key[0] == "single":
+            plan.append(names)
+            continue
+        size = len(names)
+        if method.max_group_size is not None:
+            size = max(1, method.max_group_size(method_params, source.shape(names[0]), source.n_experts, device))
+        plan.extend(names[i : i + size] for i in range(0, len(names), size))
+    return plan
 
 
 def merge_state_dicts(

@@ -50,6 +50,13 @@ class MergeMethod:
     # True when the merge of a row chunk only needs that chunk (given the analysis decisions)
     chunkable: Callable[[Any], bool] = lambda p: False
     impls: dict[str, Implementation] = field(default_factory=dict)
+    # Optional batching of tensors across the model (WUDI: same-shaped layers in one bmm).
+    # group_key(params, name, shape, dtype) -> hashable or None (None = merge alone);
+    # merge_group(params, [(base, experts, ctx)], backend=) -> merged tensors in base dtype;
+    # max_group_size(params, shape, n_experts, device) -> how many fit the memory budget.
+    group_key: Callable[..., Any] | None = None
+    merge_group: Callable[..., list[torch.Tensor]] | None = None
+    max_group_size: Callable[..., int] | None = None
 
     def validate(self, params: dict[str, Any]) -> Any:
         """Validated parameters; for a modifier a ``Composite`` of its own and the inner method's."""
