@@ -22,8 +22,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def seed() -> int:
-    """Every test starts from the same global RNG state; returns the seed used."""
+def seed_rngs() -> int:
+    """Every test starts from the same global RNG state; returns the seed used. (Not named
+    ``seed``, so that tests may parametrize a ``seed`` argument without disabling this.)"""
     random.seed(0)
     torch.manual_seed(0)
     return 0

@@ -98,6 +98,15 @@ def test_dtype_shape_and_device_kept(method, dtype, shape, make_tensors):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (0,), (0, 4)], ids=lambda s: "x".join(map(str, s)) or "scalar")
+@pytest.mark.parametrize("method", ALL)
+def test_scalar_single_and_empty_tensors(method, shape, make_tensors):
+    base, experts = make_tensors(shape, n_experts_for(method))
+    out = merge(method, base, experts)
+    assert out.shape == base.shape and out.dtype == base.dtype
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_inputs_are_not_mutated(method, make_state_dicts):
     base, experts = make_state_dicts({NAME: (9, 11), "model.layers.0.mlp.up_proj.bias": (9,)}, n_experts_for(method))

@@ -31,7 +31,7 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 def check_tensors(
     name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, check_finite: bool = True
 ) -> None:
-    """Shapes equal, experts non-empty, float dtypes, finite values; errors name the tensor."""
+    """Tensors, equal shapes, one device, finite values; errors name the tensor."""
     label = f"tensor {name!r}" if name else "tensor"
     if not isinstance(base, torch.Tensor):
         raise InputError(f"{label}: base must be a torch.Tensor, got {type(base).__name__}")

@@ -9,6 +9,7 @@ model keeps what the user gave and ``per_expert`` expands it once the number of 
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Annotated, Any, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -79,6 +80,8 @@ def _describe_allowed(model: type[MethodParams], field_name: str) -> str:
     bounds = [f"{symbols[k]} {v}" for k, v in found.items()]
     if extra.get("per_model"):
         text = "a number or one number per expert"
+    elif typing.get_origin(info.annotation) is typing.Literal:
+        text = "one of " + ", ".join(repr(a) for a in typing.get_args(info.annotation))
     else:
         ann = getattr(info.annotation, "__name__", None) or str(info.annotation)
         text = ann.replace("typing.", "")
@@ -149,7 +152,7 @@ def describe_params(model: type[MethodParams]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": info.alias or name,
-                "default": None if info.is_required() else info.default,
+                "default": None if info.is_required() else info.get_default(call_default_factory=True),
                 "required": info.is_required(),
                 "per_model": bool(extra.get("per_model")),
                 "description": info.description or "",

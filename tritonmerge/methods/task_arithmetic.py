@@ -25,7 +25,7 @@ from pydantic import Field
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.consensus import combine
-from ..ops.select import keep_count, model_thresholds
+from ..ops.select import model_thresholds
 from ..ops.sparsify import (
     bernoulli_mask,
     breadcrumbs_mask,
@@ -202,7 +202,8 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
             numel *= s
         total += numel
     densities = per_expert(p.density, source.n_experts, "density")
-    counts = [keep_count(d, total) for d in densities]
+    # The official code keeps |τ| >= the (n − ⌊d·n⌋)-th smallest, i.e. ⌊d·n⌋ + 1 entries before ties.
+    counts = [min(total, int(d * total) + 1) for d in densities]
 
     def magnitudes():
         for name in names:

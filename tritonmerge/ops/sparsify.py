@@ -64,7 +64,7 @@ def bernoulli_mask(
 def della_keep_prob(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune probabilities: within each row (a 1-D tensor is one row), rank |τ|
     ascending, normalise ranks to [0, 1] and keep with probability density − ε + 2ε·rank."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.flatten(1)
     width = rows.shape[1]
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
     rank_norm = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
