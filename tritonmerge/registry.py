@@ -111,8 +111,12 @@ class Composite:
         return getattr(self.own, item)
 
     def as_dict(self) -> dict[str, Any]:
-        inner = self.inner_params.as_dict() if isinstance(self.inner_params, Composite) else self.inner_params.model_dump()
-        return {**inner, **self.own.model_dump()}
+        inner = (
+            self.inner_params.as_dict()
+            if isinstance(self.inner_params, Composite)
+            else self.inner_params.model_dump(by_alias=True)
+        )
+        return {**inner, **self.own.model_dump(by_alias=True)}
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -20,6 +20,7 @@ import torch
 
 HIGH_BINS = 1 << 15  # |x| has a zero sign bit: bits 30..16 select the bin
 LOW_BINS = 1 << 16
+SMALL_TENSOR = 1 << 16  # below this a stable sort is cheaper than two histograms of 2**15+ bins
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -33,20 +34,29 @@ def _bits(magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.detach().to(torch.float32).contiguous().view(torch.int32).flatten()
 
 
+def _select_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, counting from the top bin down, and how many
+    entries above that bin are already counted."""
+    from_top = torch.cumsum(hist.flip(0), 0)
+    idx = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return hist.numel() - 1 - idx, above
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
 def kth_largest(magnitude: torch.Tensor, k: int) -> float:
     """The k-th largest value (1-based) of a non-negative tensor, by radix select."""
     n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} elements")
     bits = _bits(magnitude)
-    high = torch.bincount(bits >> 16, minlength=HIGH_BINS)
-    above = torch.flip(torch.cumsum(torch.flip(high, [0]), 0), [0])  # count with high bin >= b
-    b = int(torch.nonzero(above >= k).max())
-    remaining = k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0)
+    b, above = _select_bin(torch.bincount(bits >> 16, minlength=HIGH_BINS), k)
     low = torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=LOW_BINS)
-    low_above = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
-    lo = int(torch.nonzero(low_above >= remaining).max())
-    return float(torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32))
+    lo, _ = _select_bin(low, k - above)
+    return _bits_to_float((b << 16) | lo)
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,6 +67,8 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
+    if n <= SMALL_TENSOR:
+        return topk_mask_sorted(magnitude, k)
     threshold = kth_largest(flat, k)
     mask = flat > threshold
     need = k - int(mask.sum())
@@ -91,22 +103,15 @@ def model_thresholds(
             high[i] += torch.bincount(_bits(m) >> 16, minlength=HIGH_BINS).cpu()
     bins, remaining = [], []
     for i in range(n):
-        above = torch.flip(torch.cumsum(torch.flip(high[i], [0]), 0), [0])
-        total = int(above[0])
-        k = keep_counts[i]
-        if not 1 <= k <= total:
-            raise ValueError(f"expert {i}: keep count {k} out of range for {total} elements")
-        b = int(torch.nonzero(above >= k).max())
+        total = int(high[i].sum())
+        if not 1 <= keep_counts[i] <= total:
+            raise ValueError(f"expert {i}: keep count {keep_counts[i]} out of range for {total} elements")
+        b, above = _select_bin(high[i], keep_counts[i])
         bins.append(b)
-        remaining.append(k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0))
+        remaining.append(keep_counts[i] - above)
     low = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in range(n)]
     for per_expert in magnitudes():
         for i, m in enumerate(per_expert):
             bits = _bits(m)
             low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=LOW_BINS).cpu()
-    thresholds = []
-    for i in range(n):
-        low_above = torch.flip(torch.cumsum(torch.flip(low[i], [0]), 0), [0])
-        lo = int(torch.nonzero(low_above >= remaining[i]).max())
-        thresholds.append(float(torch.tensor([(bins[i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
-    return thresholds
+    return [_bits_to_float((bins[i] << 16) | _select_bin(low[i], remaining[i])[0]) for i in range(n)]
