@@ -25,7 +25,7 @@ from pydantic import Field
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.consensus import combine
-from ..ops.select import model_thresholds
+from ..ops import fused_merge
 from ..ops.sparsify import (
     bernoulli_mask,
     breadcrumbs_mask,
@@ -212,7 +212,7 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
             taus = task_vectors(base, experts)
             yield [t.abs() if keep is None or keep[i] else torch.zeros_like(t) for i, t in enumerate(taus)]
 
-    thresholds = model_thresholds(magnitudes, counts)
+    thresholds = fused_merge.model_thresholds(magnitudes, counts)
     for name in names:
         decisions.for_tensor(name).threshold = thresholds
     decisions.summary["ties_model_topk"] = {
@@ -227,7 +227,7 @@ def _register(name: str, params: type[MethodParams], family: Family, doc: str, *
         return merge_family(base, experts, p, ctx, _family, _name)
 
     elementwise = family.sparsify in (None, "random")
-    return register(
+    spec = register(
         MergeMethod(
             name=name,
             params=params,
@@ -242,9 +242,13 @@ def _register(name: str, params: type[MethodParams], family: Family, doc: str, *
             **extra,
         )
     )
+    if family.sparsify != "della":  # DELLA's per-row ranks need a sort: torch only
+        fn, supports = fused_merge.triton_impl(family, name)
+        spec.register_impl("triton", supports=supports)(fn)
+    return spec
 
 
-register(
+linear = register(
     MergeMethod(
         name="linear",
         params=LinearParams,
@@ -254,6 +258,7 @@ register(
         chunkable=lambda p: True,
     )
 )
+linear.register_impl("triton", supports=fused_merge.linear_triton_supports)(fused_merge.linear_triton)
 _register(
     "task_arithmetic",
     TaskArithmeticParams,

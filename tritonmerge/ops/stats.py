@@ -37,5 +37,7 @@ def task_vector_stats_reference(base: torch.Tensor, experts: Sequence[torch.Tens
 
 
 def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Dispatching entry point (a fused kernel replaces the reference where one is available)."""
-    return task_vector_stats_reference(base, experts)
+    """Dispatching entry point: the fused Triton kernel on CUDA tensors, else the reference."""
+    from .fused_merge import task_vector_stats as dispatch
+
+    return dispatch(base, experts)

@@ -1,0 +1,339 @@
+"""The fused task-arithmetic merge: one read of base + N experts, one write of the output.
+
+Per element, in fp32 registers, for every expert i (a dynamic loop over a pointer table — no
+stacked copies, no N-sized temporaries):
+
+    τᵢ  = expertᵢ − base                     (0 without loading when active[i] is 0: LwPTV)
+    τ̃ᵢ  = τᵢ · keepᵢ                          threshold: |τ| > t or (|τ| == t and j <= cutoff)
+                                               [minus the upper top set: breadcrumbs' outliers]
+                                               random: u(seed, name, i, j) < densityᵢ (DARE)
+    τ̃ᵢ /= densityᵢ  or  τ̃ᵢ *= scaleᵢ          (rescale keep_prob | l1)
+    wτᵢ = wᵢ τ̃ᵢ
+
+then the sign election and the disjoint sum/mean without a second pass over the experts: the
+positive and negative parts are accumulated separately (each in expert order, so the result
+equals the reference's sequential sums), and the elected side is chosen at the end.
+
+    out = base + λ · merged / divisor      (written directly in the output dtype)
+
+The uniform u is ops/rng's counter hash (two rounds of fmix32 in uint32 arithmetic), bit-identical
+to the torch reference, so DARE masks match exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import device_context, expert_pointer_table
+
+# 2048 elements per program and 8 warps: 8 elements (16 bytes of bf16) per thread and load,
+# N + 1 independent loads in flight per thread to cover DRAM latency.
+BLOCK = 2048
+NUM_WARPS = 8
+L1_BLOCK = 4096
+
+# constexpr codes
+SPARSIFY_NONE, SPARSIFY_THRESHOLD, SPARSIFY_RANDOM = 0, 1, 2
+ELECT_NONE, ELECT_SUM, ELECT_COUNT = 0, 1, 2
+DIVIDE_NONE, DIVIDE_WEIGHT, DIVIDE_COUNT, DIVIDE_CONST = 0, 1, 2, 3
+RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY = 0, 1, 2
+
+
+@triton.jit
+def _fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _uniform(index, key0, key1):
+    """ops/rng.hash_indices → float32 uniform in [0, 1) for int64 element indices."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    h = _fmix32(lo * 0x9E3779B1 + key0)
+    h = _fmix32(h ^ (hi * 0x85EBCA6B + key1))
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 → nearest-even bf16 value (still fp32), so the final cast is exact everywhere: the
+    Triton interpreter's fp32→bf16 cast truncates, the GPU's rounds to nearest even."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sparsified_task_vector(
+    tau, offs, i, element_offset,
+    thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, scale_ptr, keys_ptr,
+    SPARSIFY: tl.constexpr, HAS_UPPER: tl.constexpr, RESCALE: tl.constexpr,
+):
+    """τ̃ᵢ for one block (before the weight), and the mask that produced it."""
+    if SPARSIFY == 1:
+        a = tl.abs(tau)
+        t = tl.load(thr_lo_ptr + i)
+        keep = (a > t) | ((a == t) & (offs <= tl.load(cut_lo_ptr + i)))
+        if HAS_UPPER:  # breadcrumbs: the top set of the outliers is removed again
+            th = tl.load(thr_hi_ptr + i)
+            keep = keep & ~((a > th) | ((a == th) & (offs <= tl.load(cut_hi_ptr + i))))
+        tau = tl.where(keep, tau, 0.0)
+    elif SPARSIFY == 2:
+        key0 = tl.load(keys_ptr + 2 * i).to(tl.uint32)
+        key1 = tl.load(keys_ptr + 2 * i + 1).to(tl.uint32)
+        u = _uniform(offs + element_offset, key0, key1)
+        tau = tl.where(u < tl.load(density_ptr + i), tau, 0.0)
+    if RESCALE == 1:
+        tau = tl.math.div_rn(tau, tl.full(tau.shape, 1.0, tl.float32) * tl.load(density_ptr + i))
+    elif RESCALE == 2:
+        tau = tau * tl.load(scale_ptr + i)
+    return tau
+
+
+@triton.jit
+def _fused_merge_kernel(
+    base_ptr,
+    expert_ptrs,  # int64 [N] data_ptr()s, all of proto_ptr's dtype
+    proto_ptr,
+    out_ptr,
+    active_ptr,  # int32 [N]: 0 = this expert's τ is zero here (not loaded)
+    weight_ptr,  # fp32 [N]
+    thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr,  # fp32/int64 [N]: top-k specs (kernels/select)
+    density_ptr,  # fp32 [N]: DARE keep probability and keep_prob rescale divisor
+    scale_ptr,  # fp32 [N]: l1 rescale factor
+    keys_ptr,  # int64 [N, 2]: ops/rng stream keys (uint32 values)
+    numel,
+    n_experts,
+    element_offset,  # flat index of element 0 within the whole tensor (row chunks)
+    lam,
+    const_divisor,
+    HAS_BASE: tl.constexpr,
+    SPARSIFY: tl.constexpr,
+    HAS_UPPER: tl.constexpr,
+    RESCALE: tl.constexpr,
+    ELECT: tl.constexpr,
+    DIVIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Bytes per element: HAS_BASE × base bytes + Σ over active experts of expert bytes read,
+    output bytes written (bf16 TIES with 8 experts: 9 × 2 read + 2 written = 20 bytes)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64
+    valid = offs < numel
+    if HAS_BASE:
+        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    zero = tl.zeros([BLOCK], tl.float32)
+    total = zero  # election: Σ wτ in expert order (sum) or Σ sign(wτ) (count)
+    pos = zero  # Σ of positive wτ / of all wτ without election
+    neg = zero  # Σ of negative wτ
+    div_pos = zero  # divisor terms of the entries agreeing with +1 / of all entries
+    div_neg = zero
+    for i in range(n_experts):
+        w = tl.load(weight_ptr + i)
+        active = tl.load(active_ptr + i) != 0
+        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
+        # an inactive expert's lanes are all masked off: no memory traffic for it
+        e = tl.load(e_ptr + offs, mask=offs < tl.where(active, numel, 0), other=0.0).to(tl.float32)
+        if HAS_BASE:
+            tau = tl.where(active, e - b, 0.0)
+        else:
+            tau = e
+        tau = _sparsified_task_vector(
+            tau, offs, i, element_offset,
+            thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, scale_ptr, keys_ptr,
+            SPARSIFY, HAS_UPPER, RESCALE,
+        )
+        wt = tau * w
+        if ELECT == 0:
+            pos += wt
+            if DIVIDE == 1:
+                div_pos += w
+            elif DIVIDE == 2:
+                div_pos += (wt != 0).to(tl.float32)
+        else:
+            if ELECT == 1:
+                total += wt
+            else:
+                total += tl.where(wt > 0, 1.0, tl.where(wt < 0, -1.0, 0.0))
+            pos += tl.where(wt > 0, wt, 0.0)
+            neg += tl.where(wt < 0, wt, 0.0)
+            if DIVIDE == 1:
+                div_pos += tl.where(wt > 0, w, 0.0)
+                div_neg += tl.where(wt < 0, w, 0.0)
+            elif DIVIDE == 2:
+                div_pos += (wt > 0).to(tl.float32)
+                div_neg += (wt < 0).to(tl.float32)
+    if ELECT == 0:
+        merged = pos
+        divisor = div_pos
+        if DIVIDE == 1:
+            divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
+    else:
+        plus = total >= 0  # a zero total elects +1
+        merged = tl.where(plus, pos, neg)
+        divisor = tl.where(plus, div_pos, div_neg)
+        divisor = tl.where(divisor == 0, 1.0, divisor)
+    if DIVIDE == 3:
+        merged = tl.math.div_rn(merged, zero + const_divisor)
+    elif DIVIDE != 0:
+        merged = tl.math.div_rn(merged, divisor)
+    if HAS_BASE:
+        merged = b + lam * merged
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        merged = _round_to_bf16(merged)
+    tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _masked_l1_kernel(
+    base_ptr, expert_ptrs, proto_ptr, partial_ptr,  # fp32 [N, n_blocks, 2]: Σ|τ|, Σ|τ̃| per block
+    thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, keys_ptr,
+    numel, n_experts, n_blocks, element_offset,
+    SPARSIFY: tl.constexpr, HAS_UPPER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The L1 norms before and after masking (rescale="l1"), per block, reduced on the host in
+    fp64. Bytes per element: (N + 1) × input bytes read."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < numel
+    b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    for i in range(n_experts):
+        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
+        e = tl.load(e_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        tau = tl.where(valid, e - b, 0.0)
+        kept = _sparsified_task_vector(
+            tau, offs, i, element_offset,
+            thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, density_ptr, keys_ptr,
+            SPARSIFY, HAS_UPPER, 0,
+        )
+        row = partial_ptr + (i * n_blocks + pid) * 2
+        tl.store(row, tl.sum(tl.abs(tau), 0))
+        tl.store(row + 1, tl.sum(tl.abs(kept), 0))
+
+
+def _per_expert(values, dtype, device, n, fill):
+    if values is None:
+        values = [fill] * n
+    return torch.tensor(list(values), dtype=dtype, device=device)
+
+
+def _arguments(experts, device, n, *, threshold, cutoff, upper_threshold, upper_cutoff, density, keys):
+    return (
+        _per_expert(threshold, torch.float32, device, n, 0.0),
+        _per_expert(cutoff, torch.int64, device, n, 0),
+        _per_expert(upper_threshold, torch.float32, device, n, float("inf")),
+        _per_expert(upper_cutoff, torch.int64, device, n, -1),
+        _per_expert(density, torch.float32, device, n, 1.0),
+        torch.tensor(keys if keys is not None else [(0, 0)] * n, dtype=torch.int64, device=device).reshape(n, 2),
+    )
+
+
+def masked_l1_triton(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    sparsify: int,
+    threshold=None,
+    cutoff=None,
+    upper_threshold=None,
+    upper_cutoff=None,
+    density=None,
+    keys=None,
+    element_offset: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Per expert (Σ|τᵢ|, Σ|masked τᵢ|) with the same masks as ``fused_merge_triton``."""
+    base, experts = base.contiguous(), [e.contiguous() for e in experts]
+    n, numel, device = len(experts), base.numel(), base.device
+    n_blocks = triton.cdiv(numel, L1_BLOCK)
+    partial = torch.empty((n, n_blocks, 2), dtype=torch.float32, device=device)
+    thr, cut, thr_hi, cut_hi, dens, key = _arguments(
+        experts, device, n, threshold=threshold, cutoff=cutoff, upper_threshold=upper_threshold,
+        upper_cutoff=upper_cutoff, density=density, keys=keys,
+    )
+    with device_context(device):
+        _masked_l1_kernel[(n_blocks,)](
+            base, expert_pointer_table(experts), experts[0], partial,
+            thr, cut, thr_hi, cut_hi, dens, key,
+            numel, n, n_blocks, element_offset,
+            SPARSIFY=sparsify, HAS_UPPER=upper_threshold is not None, BLOCK=L1_BLOCK,
+        )
+    sums = partial.to(torch.float64).sum(1).cpu()
+    return sums[:, 0].tolist(), sums[:, 1].tolist()
+
+
+def fused_merge_triton(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    lam: float = 1.0,
+    has_base: bool = True,
+    active: Sequence[bool] | None = None,
+    sparsify: int = SPARSIFY_NONE,
+    threshold: Sequence[float] | None = None,
+    cutoff: Sequence[int] | None = None,
+    upper_threshold: Sequence[float] | None = None,
+    upper_cutoff: Sequence[int] | None = None,
+    density: Sequence[float] | None = None,
+    keys: Sequence[tuple[int, int]] | None = None,
+    element_offset: int = 0,
+    rescale: int = RESCALE_NONE,
+    scale: Sequence[float] | None = None,
+    elect: int = ELECT_NONE,
+    divide: int = DIVIDE_NONE,
+    const_divisor: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Launch the fused merge (see the module docstring). Per-expert lists have N entries.
+
+    ``has_base=False`` merges the experts themselves (linear averaging); then ``base`` only
+    gives shape, dtype and device. Threshold specs come from kernels/select.topk_spec_triton;
+    ``upper_*`` is a second top set removed from the kept one (breadcrumbs). ``keys`` are
+    ops/rng.stream_keys per expert. Non-contiguous inputs are copied to contiguous first.
+    Returns a contiguous tensor of base's shape in ``out_dtype`` (default: base's dtype)."""
+    n, device = len(experts), base.device
+    base_c = base.contiguous()
+    experts_c = [e.contiguous() for e in experts]
+    out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=device)
+    numel = base.numel()
+    if numel == 0:
+        return out
+    thr, cut, thr_hi, cut_hi, dens, key = _arguments(
+        experts_c, device, n, threshold=threshold, cutoff=cutoff, upper_threshold=upper_threshold,
+        upper_cutoff=upper_cutoff, density=density, keys=keys,
+    )
+    with device_context(device):
+        _fused_merge_kernel[(triton.cdiv(numel, BLOCK),)](
+            base_c,
+            expert_pointer_table(experts_c),
+            experts_c[0],
+            out,
+            _per_expert(None if active is None else [int(a) for a in active], torch.int32, device, n, 1),
+            _per_expert(weights, torch.float32, device, n, 1.0),
+            thr, cut, thr_hi, cut_hi, dens,
+            _per_expert(scale, torch.float32, device, n, 1.0),
+            key,
+            numel,
+            n,
+            element_offset,
+            float(lam),
+            float(const_divisor),
+            HAS_BASE=has_base,
+            SPARSIFY=sparsify,
+            HAS_UPPER=upper_threshold is not None,
+            RESCALE=rescale,
+            ELECT=elect,
+            DIVIDE=divide,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+    return out
