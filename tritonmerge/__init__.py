@@ -18,6 +18,19 @@ from .errors import (
 )
 from .registry import get_method, list_methods
 
+
+def __getattr__(name: str):
+    # The disk engine pulls in the IO stack; load it only when asked for.
+    if name in ("run_merge", "MergeOptions", "plan_merge"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "load_config":
+        from .config import load_config
+
+        return load_config
+    raise AttributeError(f"module 'tritonmerge' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,6 +39,10 @@ __all__ = [
     "list_methods",
     "get_method",
     "describe",
+    "run_merge",
+    "MergeOptions",
+    "plan_merge",
+    "load_config",
     "MergeReport",
     "TritonMergeError",
     "ParameterError",

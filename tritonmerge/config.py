@@ -1,0 +1,452 @@
+"""Merge configurations: mergekit's YAML schema (for the methods we share) -> ``MergeConfig``.
+
+Accepted keys: ``merge_method``, ``base_model``, ``models`` (each ``model`` plus optional
+``parameters``), ``parameters`` (global), ``dtype`` (inputs are cast to it before merging),
+``out_dtype`` (default: ``dtype``, else each tensor's stored dtype), ``tokenizer_source: base``.
+
+A parameter value is a scalar, a *gradient* (a list of numbers interpolated over the layer
+index, ``t = layer / (n_layers - 1)``; tensors outside the layers take t = 0 for embeddings and
+t = 1 otherwise, as in mergekit), or a *filter list* ``[{filter: substring, value: ...}, ...]``
+where the first entry whose ``filter`` is a substring of the tensor name wins and ``"*"`` or a
+missing filter matches everything. Per-model values take precedence over global ones.
+
+A mergekit method name gets mergekit's semantics: defaults (``density`` 1.0, ``normalize``,
+``rescale``) and the boolean ``rescale`` mapped to our ``rescale`` choice (``true`` -> ``"l1"``,
+mergekit's L1-norm matching), and for the consensus methods ``normalize`` mapped to our
+``disjoint`` rule. Our own methods and options work under their own names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from .errors import ConfigError, TritonMergeError
+from .params import MethodParams, param_names
+from .registry import MergeMethod, get_method
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices (frankenmerges) are not supported; list whole models under `models`",
+    "modules": "multi-module configs are not supported; list whole models under `models`",
+    "tokenizer": "tokenizer surgery is not supported; the output uses the base model's tokenizer",
+    "chat_template": "chat_template is not supported; the base model's tokenizer files are copied as they are",
+}
+
+# mergekit GTA defaults (arcee-ai/mergekit merge_methods/registry.py): consensus, normalize, rescale
+_MERGEKIT_GTA: dict[str, tuple[bool, bool, bool]] = {
+    "task_arithmetic": (False, False, False),
+    "ties": (True, True, False),
+    "dare_ties": (True, False, True),
+    "dare_linear": (False, False, True),
+    "breadcrumbs": (False, False, False),
+    "breadcrumbs_ties": (True, False, False),
+    "della": (True, True, True),
+    "della_linear": (False, False, True),
+}
+# mergekit options that change memory use only, never the result
+_IGNORED_MERGEKIT_PARAMS = {"int8_mask"}
+
+
+def dtype_from_name(value: Any, what: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    key = str(value).strip().lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise ConfigError(f"{what}: {value!r} is not a dtype; choose float32, bfloat16, float16 or float64")
+    return DTYPES[key]
+
+
+@dataclass
+class ModelEntry:
+    """One input model: as written in the config, where it is, and its per-model parameters."""
+
+    name: str
+    path: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge configuration. ``resolve(tensor_name, t)`` gives the parameters of one
+    tensor (per-model values as one list entry per expert), ready for ``MergeMethod.validate``."""
+
+    merge_method: str
+    spec: MergeMethod
+    base: ModelEntry
+    experts: list[ModelEntry]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    tokenizer_source: str = "base"
+    raw: dict[str, Any] = field(default_factory=dict)
+    # user-facing parameter names -> True if per-model
+    _per_model: dict[str, bool] = field(default_factory=dict)
+    _literal_lists: set[str] = field(default_factory=set)
+    _defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mergekit_semantics(self) -> tuple[bool, bool, bool] | None:
+        return _MERGEKIT_GTA.get(self._inner_name())
+
+    def _inner_name(self) -> str:
+        if self.spec.modifier:
+            inner = self.parameters.get("merge_method")
+            return inner if isinstance(inner, str) else ""
+        return self.merge_method
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def resolve(self, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
+        """Parameters for one tensor at relative depth ``t`` in [0, 1]."""
+        out: dict[str, Any] = {}
+        for pname, per_model in self._per_model.items():
+            literal = pname in self._literal_lists
+            if per_model:
+                values = []
+                any_set = False
+                for m in self.experts:
+                    v = evaluate(m.parameters[pname], tensor_name, t, literal) if pname in m.parameters else None
+                    if v is None and pname in self.parameters:
+                        v = evaluate(self.parameters[pname], tensor_name, t, literal)
+                    any_set = any_set or v is not None
+                    values.append(v)
+                if not any_set:
+                    if pname in self._defaults:
+                        out[pname] = self._defaults[pname]
+                    continue
+                default = self._defaults.get(pname, self._field_default(pname))
+                if any(v is None for v in values) and default is None:
+                    missing = [m.name for m, v in zip(self.experts, values) if v is None]
+                    raise ConfigError(
+                        f"parameter {pname!r} has no value for model(s) {missing} at tensor {tensor_name!r}; "
+                        f"set it for every model or in the global parameters"
+                    )
+                out[pname] = [default if v is None else v for v in values]
+            elif pname in self.parameters:
+                v = evaluate(self.parameters[pname], tensor_name, t, literal)
+                if v is not None:
+                    out[pname] = v
+                elif pname in self._defaults:
+                    out[pname] = self._defaults[pname]
+            elif pname in self._defaults:
+                out[pname] = self._defaults[pname]
+        return self._apply_mergekit(out)
+
+    def _field_default(self, pname: str) -> Any:
+        for model in _param_models(self.spec, self.parameters):
+            names = param_names(model)
+            if pname in names:
+                info = model.model_fields[names[pname]]
+                return None if info.is_required() else info.default
+        return None
+
+    def _apply_mergekit(self, p: dict[str, Any]) -> dict[str, Any]:
+        sem = self.mergekit_semantics
+        for key in _IGNORED_MERGEKIT_PARAMS:
+            p.pop(key, None)
+        if sem is None:
+            return p
+        consensus, normalize_default, rescale_default = sem
+        has_rescale = "rescale" in self._known_fields()
+        rescale = p.pop("rescale", None)
+        if has_rescale:
+            if rescale is None:
+                rescale = rescale_default
+            if isinstance(rescale, bool):
+                rescale = "l1" if rescale else "none"
+            p["rescale"] = rescale
+        if consensus and "disjoint" not in p:
+            normalize = p.get("normalize", normalize_default)
+            p["disjoint"] = "mean" if normalize else "sum"
+            p["normalize"] = bool(normalize)
+        return p
+
+    def _known_fields(self) -> set[str]:
+        names: set[str] = set()
+        for model in _param_models(self.spec, self.parameters):
+            names.update(param_names(model))
+        return names
+
+    # -- output ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config (absolute paths), in mergekit's schema."""
+        d: dict[str, Any] = {"merge_method": self.merge_method, "base_model": str(self.base.path)}
+        d["models"] = [
+            {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
+        ]
+        if self.parameters:
+            d["parameters"] = self.parameters
+        if self.dtype is not None:
+            d["dtype"] = str(self.dtype).replace("torch.", "")
+        if self.out_dtype is not None:
+            d["out_dtype"] = str(self.out_dtype).replace("torch.", "")
+        d["tokenizer_source"] = self.tokenizer_source
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def evaluate(setting: Any, tensor_name: str, t: float, literal_list: bool = False) -> Any:
+    """Value of a parameter setting for one tensor (mergekit's ``evaluate_setting``): None when a
+    filter list has no matching entry."""
+    if isinstance(setting, list):
+        if literal_list and all(not isinstance(e, dict) for e in setting):
+            return list(setting)
+        if not setting:
+            return None
+        if all(isinstance(e, dict) for e in setting):
+            for cond in setting:
+                flt = cond.get("filter")
+                if flt is None or flt == "*" or (tensor_name and str(flt) in tensor_name):
+                    return evaluate(cond["value"], tensor_name, t, literal_list)
+            return None
+        if all(_is_number(e) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = min(int(math.floor(scaled)), len(setting) - 1)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[int(t * (len(setting) - 1))]
+    if isinstance(setting, dict):
+        if "value" in setting:
+            return evaluate([setting], tensor_name, t, literal_list)
+        raise ConfigError(f"parameter setting {setting!r} is neither a value, a gradient nor a filter list")
+    return setting
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def tensor_t(name: str, n_layers: int) -> float:
+    """Relative depth of a tensor for gradients: layer/(n_layers-1); embeddings 0, other
+    non-layer tensors (final norm, lm_head) 1 — mergekit's pre/post weights."""
+    from .context import layer_index
+
+    layer = layer_index(name)
+    if layer is None:
+        return 0.0 if re.search(r"embed|wte|wpe|tok_embeddings", name) else 1.0
+    if n_layers <= 1:
+        return 1.0
+    return min(max(layer / (n_layers - 1), 0.0), 1.0)
+
+
+def _param_models(spec: MergeMethod, parameters: Mapping[str, Any]) -> list[type[MethodParams]]:
+    if not spec.modifier:
+        return [spec.params]
+    models: list[type[MethodParams]] = [spec.params]
+    inner_name = parameters.get("merge_method")
+    if isinstance(inner_name, str):
+        try:
+            inner = get_method(inner_name)
+        except TritonMergeError as exc:
+            raise ConfigError(f"{spec.name}: parameter merge_method: {exc}") from None
+        models.extend(_param_models(inner, parameters))
+    return models
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.\-/]+)?$")
+
+
+def resolve_model_path(ref: Any, config_dir: Path | None, what: str) -> tuple[str, Path]:
+    """Local folder or weights file for a model reference; hub ids and LoRA refs are errors."""
+    if isinstance(ref, dict):
+        ref = ref.get("model", ref.get("path"))
+    if not isinstance(ref, (str, os.PathLike)) or not str(ref).strip():
+        raise ConfigError(f"{what}: expected a local path, got {ref!r}")
+    text = str(ref).strip()
+    p = Path(os.path.expanduser(text))
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + ([config_dir / p] if config_dir else [])
+    for c in candidates:
+        if c.exists():
+            return text, c.resolve()
+    if "+" in text and not any(Path(part).exists() for part in text.split("+")[:1]):
+        raise ConfigError(f"{what}: {text!r} looks like a model+LoRA reference; LoRA inputs are not supported, merge the adapter first")
+    if _HUB_ID.match(text):
+        raise ConfigError(
+            f"{what}: {text!r} is not a local folder; it looks like a Hugging Face Hub id, and tritonmerge reads "
+            f"local checkpoints only. Download it first (e.g. `huggingface-cli download {text.split('@')[0]} "
+            f"--local-dir ./{text.split('/')[-1].split('@')[0]}`) and give that path"
+        )
+    where = " or ".join(str(c) for c in candidates)
+    raise ConfigError(f"{what}: {text!r} does not exist (looked for {where})")
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any], *, config_dir: str | os.PathLike | None = None) -> MergeConfig:
+    """Read and validate a merge config from a YAML file, a YAML string or a dict.
+
+    Relative model paths are looked up in the current directory, then beside the config file."""
+    cdir = Path(config_dir) if config_dir is not None else None
+    if isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        text = None
+        p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        if p is not None:
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            try:
+                text = p.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {p}: {exc}") from None
+            cdir = cdir or p.resolve().parent
+        else:
+            text = str(source)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the config is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the config must be a YAML mapping with at least merge_method and models")
+    return _build(raw, cdir)
+
+
+def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
+    for key in raw:
+        if key in UNSUPPORTED_KEYS:
+            raise ConfigError(f"config key {key!r}: {UNSUPPORTED_KEYS[key]}")
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    method_name = raw.get("merge_method")
+    if not isinstance(method_name, str):
+        raise ConfigError("merge_method is required (e.g. merge_method: ties)")
+    try:
+        spec = get_method(method_name)
+    except TritonMergeError as exc:
+        raise ConfigError(f"merge_method: {exc}") from None
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("models: give a non-empty list of `- model: PATH` entries")
+    global_params = raw.get("parameters") or {}
+    if not isinstance(global_params, dict):
+        raise ConfigError("parameters must be a mapping of parameter name -> value")
+
+    entries: list[ModelEntry] = []
+    for i, m in enumerate(models_raw):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"models[{i}]: expected `model: PATH` with optional `parameters`, got {m!r}")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"models[{i}]: unknown key(s) {sorted(extra)}; allowed: model, parameters")
+        name, path = resolve_model_path(m["model"], cdir, f"models[{i}]")
+        params = m.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"models[{i}] ({name}): parameters must be a mapping")
+        entries.append(ModelEntry(name, path, dict(params)))
+
+    base_ref = raw.get("base_model")
+    uses_base = spec.name != "linear"
+    if base_ref is None:
+        if uses_base:
+            raise ConfigError(f"{method_name} merges task vectors and needs base_model: PATH")
+        base = ModelEntry(entries[0].name, entries[0].path)
+    else:
+        bname, bpath = resolve_model_path(base_ref, cdir, "base_model")
+        base = ModelEntry(bname, bpath)
+    # mergekit lets the base appear in `models`; task-vector methods leave it out of the experts
+    experts = [e for e in entries if not (uses_base and e.path == base.path)]
+    if not experts:
+        raise ConfigError(f"{method_name}: no models to merge besides the base model {base.name!r}")
+
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise ConfigError(f"tokenizer_source: {tok!r} is not supported; only `base` (the base model's tokenizer is copied)")
+
+    dtype = dtype_from_name(raw.get("dtype"), "dtype")
+    out_dtype = dtype_from_name(raw.get("out_dtype"), "out_dtype") or dtype
+
+    cfg = MergeConfig(
+        merge_method=method_name,
+        spec=spec,
+        base=base,
+        experts=experts,
+        parameters=dict(global_params),
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source="base",
+        raw=raw,
+    )
+    _classify_params(cfg)
+    # catch bad values now (scalars and gradient ends); the engine validates every tensor
+    for t in (0.0, 1.0):
+        validate_resolved(cfg, cfg.resolve("", t), "")
+    return cfg
+
+
+def _classify_params(cfg: MergeConfig) -> None:
+    per_model: dict[str, bool] = {}
+    literal: set[str] = set()
+    for model in _param_models(cfg.spec, cfg.parameters):
+        for pname, attr in param_names(model).items():
+            info = model.model_fields[attr]
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            per_model[pname] = per_model.get(pname, False) or bool(extra.get("per_model"))
+            if not extra.get("per_model") and "list" in str(info.annotation):
+                literal.add(pname)
+    allowed = set(per_model)
+    sem = _MERGEKIT_GTA.get(cfg._inner_name())
+    mergekit_extra = set(_IGNORED_MERGEKIT_PARAMS)
+    if sem is not None:
+        mergekit_extra.add("rescale")  # mergekit's boolean; a no-op for task_arithmetic
+    for pname in cfg.parameters:
+        if pname not in allowed and pname not in mergekit_extra:
+            raise ConfigError(
+                f"{cfg.merge_method}: unknown parameter {pname!r} in parameters; allowed: {', '.join(sorted(allowed))}"
+            )
+    for m in cfg.experts:
+        for pname in m.parameters:
+            if pname in mergekit_extra and pname not in allowed:
+                continue
+            if pname not in allowed:
+                raise ConfigError(
+                    f"{cfg.merge_method}: unknown parameter {pname!r} for model {m.name!r}; allowed: {', '.join(sorted(allowed))}"
+                )
+            if not per_model[pname]:
+                raise ConfigError(
+                    f"{cfg.merge_method}: parameter {pname!r} is global (one value for all models); set it under the "
+                    f"top-level `parameters`, not under model {m.name!r}"
+                )
+    if "rescale" in mergekit_extra and "rescale" not in allowed:
+        per_model["rescale"] = False  # resolved, then dropped by _apply_mergekit
+    for k in _IGNORED_MERGEKIT_PARAMS:
+        per_model.pop(k, None)
+    cfg._per_model = per_model
+    cfg._literal_lists = literal
+    # mergekit's density default is 1.0 (keep everything), ours is method-specific
+    if sem is not None and "density" in per_model:
+        cfg._defaults["density"] = 1.0
+
+
+def validate_resolved(cfg: MergeConfig, params: dict[str, Any], tensor_name: str) -> Any:
+    """``spec.validate`` for one tensor's resolved parameters; errors become ConfigError naming
+    the tensor."""
+    try:
+        return cfg.spec.validate(params)
+    except TritonMergeError as exc:
+        where = f" (tensor {tensor_name!r})" if tensor_name else ""
+        raise ConfigError(f"{exc}{where}") from None

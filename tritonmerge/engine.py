@@ -1,0 +1,720 @@
+"""The disk-to-disk merge: plan -> (analysis pass) -> merge pass -> finalize.
+
+The only module where IO meets math. ``plan_merge`` reads headers and indexes only and checks
+everything a merge needs before any tensor data is read: every model's key set, shapes (a
+vocabulary-size mismatch is named as such) and dtypes, every tensor's resolved parameters, the
+output folder and the free disk. ``run_merge`` then
+
+1. runs the method's whole-model analysis over a streaming source, only when the method asks
+   for it (its decisions are saved with the output);
+2. streams tensor by tensor (or row chunk by row chunk, for chunkable methods and tensors whose
+   working set exceeds the memory budget): reads of the next units run on a background thread
+   while the current one computes on the chosen device, and the writer appends results to the
+   pre-planned shard files on another thread;
+3. writes config.json (``torch_dtype`` set), tokenizer and generation files, a model card, the
+   resolved config and the decisions, then renames the hidden working folder into place.
+
+Peak memory is about ``prefetch × (N+1) × U + C + W``: U the largest work unit (a tensor or a
+row chunk), prefetch 2 (the unit being merged and the next one), C the method's working memory
+on one unit (for the task-arithmetic family a few float32 copies of U) and W the writer's queue
+(``max(16 MiB, largest output unit)``); it does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .api import merge_one
+from .config import MergeConfig, load_config, tensor_t, validate_resolved
+from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
+from .errors import CheckpointError, ConfigError, NonFiniteResultError
+from .io import folder as outfolder
+from .io.index import CheckpointIndex, dtype_name, itemsize, open_checkpoint
+from .io.reader import Prefetcher, TensorReader
+from .io.writer import Manifest, OutputEntry, ShardPlan, ShardedWriter, commit, parse_size, partial_dir, plan_shards, write_index
+from .registry import Composite
+
+log = logging.getLogger("tritonmerge")
+
+VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "tok_embeddings", "word_embeddings", "embed_out", "output.weight")
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (what to merge is the ``MergeConfig``)."""
+
+    device: str = "cpu"
+    out_shard_size: int | str = "5GB"
+    dry_run: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    quiet: bool = False
+    backend: str | None = None
+    # input working set of one work unit, (N+1) x unit bytes; larger tensors are merged in row
+    # chunks when their method allows it
+    memory_budget: int | str = "256MiB"
+    prefetch: bool = True
+    # input bytes held (being merged + read ahead), in units of the largest work unit's inputs
+    prefetch_depth: float = 2.0
+    async_write: bool = True
+    # extra free bytes required on the output disk beyond the output's size
+    disk_margin: int = 64 << 20
+
+
+@dataclass
+class WorkUnit:
+    """One merge step: a whole tensor, or rows [r0, r1) of it."""
+
+    name: str
+    rows: tuple[int, int] | None
+    in_bytes: int  # bytes read for this unit, all models together
+    out_bytes: int
+
+    @property
+    def element_offset_rows(self) -> int:
+        return self.rows[0] if self.rows else 0
+
+
+@dataclass
+class MergePlan:
+    """Everything decided before tensor data is read."""
+
+    config: MergeConfig
+    options: MergeOptions
+    out_dir: Path
+    tmp_dir: Path
+    base: CheckpointIndex
+    experts: list[CheckpointIndex]
+    names: list[str]  # processing order
+    params: dict[str, Any]  # tensor -> validated params
+    out_entries: dict[str, OutputEntry]
+    shards: list[ShardPlan]
+    units: list[WorkUnit]
+    needs_analysis: bool
+    analysis_params: Any
+    n_layers: int
+    fingerprint: str
+    chunked: dict[str, int] = field(default_factory=dict)  # tensor -> number of chunks
+    peak_bytes: int = 0
+    prefetch_budget: int = 0
+    writer_budget: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.file_bytes for s in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(u.in_bytes for u in self.units)
+
+    def describe(self) -> str:
+        """The human-readable plan printed by ``--dry-run``."""
+        cfg = self.config
+        gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
+        lines = [
+            f"method:        {cfg.merge_method}" + (f" (runs as {cfg.spec.name})" if cfg.spec.name != cfg.merge_method else ""),
+            f"base model:    {self.base.path} ({self.base.format}, {len(self.base.files)} file(s))",
+            *[f"model {i}:       {e.path} ({e.format}, {len(e.files)} file(s))" for i, e in enumerate(self.experts)],
+            f"parameters:    {json.dumps(_params_json(self.analysis_params) if self.analysis_params is not None else cfg.resolve(), default=str)}",
+            f"tensors:       {len(self.names)} ({sum(1 for n in self.names if self.base.tensors[n].dtype.is_floating_point)} floating point), "
+            f"{self.n_layers} layers",
+            f"work units:    {len(self.units)}" + (f" ({len(self.chunked)} tensor(s) in row chunks)" if self.chunked else ""),
+            f"analysis pass: {'yes' if self.needs_analysis else 'no'}",
+            f"input read:    {gb(self.input_bytes)}" + (" (twice: analysis + merge)" if self.needs_analysis else ""),
+            f"output:        {gb(self.output_bytes)} in {len(self.shards)} shard(s), dtype "
+            + (dtype_name(cfg.out_dtype) if cfg.out_dtype else "as stored"),
+            f"peak memory:   ~{gb(self.peak_bytes)} (estimated: inputs read ahead {gb(self.prefetch_budget)}, "
+            f"write queue {gb(self.writer_budget)})",
+            f"device:        {self.options.device}",
+            f"output folder: {self.out_dir}",
+        ]
+        lines += [f"note:          {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class MergeResult:
+    """What ``run_merge`` returns: where the output is and how fast it went."""
+
+    out_dir: Path
+    plan: MergePlan
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    report: MergeReport | None = None
+    resumed_shards: int = 0
+    nonfinite: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Input bytes merged per second."""
+        return self.bytes_read / self.seconds if self.seconds > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# plan
+
+
+def _label(kind: str, name: str) -> str:
+    return f"{kind} {name!r}"
+
+
+def _n_layers(base: CheckpointIndex) -> int:
+    cfg = base.config() or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        v = cfg.get(key)
+        if isinstance(v, int) and v > 0:
+            return v
+    text_cfg = cfg.get("text_config")
+    if isinstance(text_cfg, dict) and isinstance(text_cfg.get("num_hidden_layers"), int):
+        return text_cfg["num_hidden_layers"]
+    layers = [layer_index(n) for n in base.tensors]
+    layers = [x for x in layers if x is not None]
+    return max(layers) + 1 if layers else 1
+
+
+def _check_compatible(base: CheckpointIndex, experts: Sequence[CheckpointIndex], names: Sequence[str]) -> list[str]:
+    notes = []
+    base_keys = set(base.tensors)
+    for e in experts:
+        keys = set(e.tensors)
+        missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) the base does not, e.g. {extra[:3]}")
+            raise CheckpointError(f"{e.label} ({e.path}) does not have the base model's tensors: it {' and '.join(parts)}")
+    mixed = set()
+    for name in names:
+        b = base.tensors[name]
+        for e in experts:
+            t = e.tensors[name]
+            if t.shape != b.shape:
+                if (
+                    len(t.shape) == len(b.shape) >= 1
+                    and t.shape[1:] == b.shape[1:]
+                    and any(v in name for v in VOCAB_NAMES)
+                ):
+                    raise CheckpointError(
+                        f"vocabulary size mismatch: tensor {name!r} has {t.shape[0]} rows (tokens) in {e.label} "
+                        f"({t.file}) but {b.shape[0]} in the base model {base.label}; the models use different "
+                        f"tokenizers or added tokens, and tritonmerge merges only models with the base's vocabulary"
+                    )
+                raise CheckpointError(
+                    f"shape mismatch: tensor {name!r} is {list(t.shape)} in {e.label} ({t.file}) but "
+                    f"{list(b.shape)} in the base model {base.label} ({b.file})"
+                )
+            if t.dtype != b.dtype:
+                if t.dtype.is_floating_point and b.dtype.is_floating_point:
+                    mixed.add(f"{dtype_name(t.dtype)} in {e.label} vs {dtype_name(b.dtype)} in the base")
+                else:
+                    raise CheckpointError(
+                        f"dtype mismatch: tensor {name!r} is {dtype_name(t.dtype)} in {e.label} ({t.file}) but "
+                        f"{dtype_name(b.dtype)} in the base model {base.label}"
+                    )
+    for m in sorted(mixed):
+        notes.append(f"floating-point dtypes differ ({m}); all are merged in float32")
+    return notes
+
+
+def _params_json(p: Any) -> dict[str, Any]:
+    if isinstance(p, Composite):
+        return p.as_dict()
+    return p.model_dump(by_alias=True)
+
+
+def _params_key(p: Any) -> str:
+    return json.dumps(_params_json(p), sort_keys=True, default=str)
+
+
+def _fingerprint(cfg: MergeConfig, options: MergeOptions, models: Sequence[CheckpointIndex], shards: Sequence[ShardPlan]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{cfg.spec.name}|{__version__}|{options.device}|{options.backend}".encode())
+    for m in models:
+        for f in m.files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for s in shards:
+        h.update(s.filename.encode())
+        h.update(s.header)
+    return h.hexdigest()
+
+
+def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, options: MergeOptions | None = None) -> MergePlan:
+    """Read headers and indexes, validate everything, decide the work; reads no tensor data and
+    writes nothing."""
+    options = options or MergeOptions()
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    out_dir = Path(out_dir).absolute()
+    tmp_dir = partial_dir(out_dir)
+    try:
+        shard_bytes = parse_size(options.out_shard_size)
+        budget = parse_size(options.memory_budget)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    base = open_checkpoint(cfg.base.path, _label("base model", cfg.base.name))
+    experts = [open_checkpoint(m.path, _label("model", m.name)) for m in cfg.experts]
+    names = list(base.tensors)
+    notes = _check_compatible(base, experts, names)
+    n_experts = len(experts)
+
+    inner, _ = cfg.spec.innermost(validate_resolved(cfg, cfg.resolve("", 0.0), ""))
+    lo, hi = inner.min_experts, inner.max_experts
+    if n_experts < lo or (hi is not None and n_experts > hi):
+        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {n_experts}")
+
+    n_layers = _n_layers(base)
+    cache: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for name in names:
+        resolved = cfg.resolve(name, tensor_t(name, n_layers))
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = validate_resolved(cfg, resolved, name)
+        params[name] = cache[key]
+
+    needs_analysis = cfg.spec.needs_analysis(next(iter(params.values())))
+    analysis_params = None
+    distinct = {_params_key(p): p for p in params.values()}
+    if len(distinct) == 1:
+        analysis_params = next(iter(distinct.values()))
+    if needs_analysis:
+        if analysis_params is None:
+            raise ConfigError(
+                f"{cfg.merge_method} runs a whole-model analysis, which needs one set of parameters for the whole "
+                f"model; this config varies parameters by tensor (gradients or filters)"
+            )
+
+    out_entries: dict[str, OutputEntry] = {}
+    for name in names:
+        b = base.tensors[name]
+        dt = cfg.out_dtype if (cfg.out_dtype is not None and b.dtype.is_floating_point) else b.dtype
+        if cfg.dtype is not None and b.dtype.is_floating_point and cfg.out_dtype is None:
+            dt = cfg.dtype
+        out_entries[name] = OutputEntry(name, b.shape, dt)
+    shards = plan_shards([out_entries[n] for n in names], shard_bytes)
+    order = [e.name for s in shards for e in s.entries]
+
+    # work units: chunk big tensors whose method merges row chunks independently
+    units: list[WorkUnit] = []
+    chunked: dict[str, int] = {}
+    for name in order:
+        b = base.tensors[name]
+        in_set = sum(m.tensors[name].nbytes for m in [base, *experts])
+        out_b = out_entries[name].nbytes
+        spec_inner, inner_params = cfg.spec.innermost(params[name])
+        rows_total = b.shape[0] if b.shape else 0
+        can_chunk = (
+            b.dtype.is_floating_point
+            and len(b.shape) >= 1
+            and rows_total > 1
+            and in_set > budget
+            and bool(spec_inner.chunkable(inner_params))
+        )
+        if not can_chunk:
+            units.append(WorkUnit(name, None, in_set, out_b))
+            continue
+        per_row = max(in_set // rows_total, 1)
+        rows_per = max(1, budget // per_row)
+        r = 0
+        count = 0
+        while r < rows_total:
+            r1 = min(rows_total, r + rows_per)
+            frac = (r1 - r) / rows_total
+            units.append(WorkUnit(name, (r, r1), int(in_set * frac), int(out_b * frac)))
+            r, count = r1, count + 1
+        chunked[name] = count
+
+    largest_in = max((u.in_bytes for u in units), default=0)
+    largest_out = max((u.out_bytes for u in units), default=0)
+    prefetch_budget = int(max(options.prefetch_depth, 1.0) * largest_in) if options.prefetch else largest_in
+    writer_budget = max(16 << 20, largest_out)
+    # the method's working memory: a few float32 copies of one unit (task vectors, masks, output)
+    elems = max((u.in_bytes // max(n_experts + 1, 1)) // max(itemsize(base.tensors[u.name].dtype), 1) for u in units) if units else 0
+    compute = (n_experts + 2) * elems * 4
+    peak = prefetch_budget + compute + writer_budget
+
+    plan = MergePlan(
+        config=cfg,
+        options=options,
+        out_dir=out_dir,
+        tmp_dir=tmp_dir,
+        base=base,
+        experts=experts,
+        names=order,
+        params=params,
+        out_entries=out_entries,
+        shards=shards,
+        units=units,
+        needs_analysis=needs_analysis,
+        analysis_params=analysis_params,
+        n_layers=n_layers,
+        fingerprint=_fingerprint(cfg, options, [base, *experts], shards),
+        chunked=chunked,
+        peak_bytes=peak,
+        prefetch_budget=prefetch_budget,
+        writer_budget=writer_budget,
+        notes=notes,
+    )
+    return plan
+
+
+def _check_output(plan: MergePlan) -> str:
+    """Refuse an existing output unless --overwrite/--resume; returns 'fresh', 'resume' or
+    'complete' (the output folder already holds this very merge)."""
+    opts, out, tmp = plan.options, plan.out_dir, plan.tmp_dir
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {out} exists and is not a folder")
+    if opts.resume and out.is_dir() and not tmp.exists():
+        try:
+            data = json.loads((out / "tritonmerge_checksums.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        if data.get("plan") == plan.fingerprint:
+            return "complete"
+        if not opts.overwrite:
+            raise CheckpointError(
+                f"output folder {out} already exists and is not the finished output of this merge; "
+                f"use --overwrite to replace it"
+            )
+    if out.exists() and not (opts.overwrite or opts.resume):
+        raise CheckpointError(f"output folder {out} already exists; use --overwrite to replace it or --resume to continue")
+    if out.exists() and opts.resume and not opts.overwrite:
+        raise CheckpointError(
+            f"output folder {out} already exists; --resume continues only an unfinished merge (add --overwrite to replace it)"
+        )
+    if tmp.exists():
+        if opts.resume:
+            return "resume"
+        if not opts.overwrite:
+            raise CheckpointError(
+                f"an unfinished merge into {out} was found in {tmp}; use --resume to continue it or --overwrite to start over"
+            )
+    return "fresh"
+
+
+def _check_disk(plan: MergePlan, already: int) -> None:
+    need = plan.output_bytes - already + plan.options.disk_margin
+    probe = plan.out_dir.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free disk for the output in {plan.out_dir.parent}: the merge writes "
+            f"{plan.output_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB are free"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming source for analysis passes
+
+
+class StreamingSource:
+    """``TensorSource`` over checkpoints on disk; reads the next name in ``names`` order on a
+    background thread while the caller works on the current one."""
+
+    def __init__(self, plan: MergePlan, reader: TensorReader, device: torch.device) -> None:
+        self._plan = plan
+        self._reader = reader
+        self._device = device
+        self.names = list(plan.names)
+        self.n_experts = plan.n_experts
+        self._pos = {n: i for i, n in enumerate(self.names)}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tritonmerge-analysis")
+        self._ahead: tuple[str, concurrent.futures.Future] | None = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._plan.base.tensors[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._plan.base.tensors[name].dtype
+
+    def _read(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return _read_unit(self._plan, self._reader, WorkUnit(name, None, 0, 0))
+
+    def load(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._ahead is not None and self._ahead[0] == name:
+            base, experts = self._ahead[1].result()
+        else:
+            if self._ahead is not None:
+                self._ahead[1].result()  # never leave a read running unobserved
+            base, experts = self._read(name)
+        self._ahead = None
+        i = self._pos.get(name)
+        if i is not None and i + 1 < len(self.names):
+            nxt = self.names[i + 1]
+            self._ahead = (nxt, self._pool.submit(self._read, nxt))
+        return _to_device(self._plan, base, experts, self._device)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            try:
+                self._ahead[1].result()
+            except Exception:
+                pass
+        self._pool.shutdown(wait=True)
+
+
+def _read_unit(plan: MergePlan, reader: TensorReader, unit: WorkUnit) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = reader.read(plan.base.tensors[unit.name], unit.rows, plan.base.label)
+    experts = [reader.read(e.tensors[unit.name], unit.rows, e.label) for e in plan.experts]
+    return base, experts
+
+
+def _to_device(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    dt = plan.config.dtype
+    nb = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device != device:
+            t = t.to(device, non_blocking=nb)
+        if dt is not None and t.is_floating_point() and t.dtype != dt:
+            t = t.to(dt)
+        return t
+
+    return move(base), [move(e) for e in experts]
+
+
+# ------------------------------------------------------------------------------------------------
+# run
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch.cuda.is_available() is False on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only cpu and cuda are supported")
+    return dev
+
+
+def run_merge(
+    config: MergeConfig | str | os.PathLike | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    options: MergeOptions | None = None,
+    *,
+    echo: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Merge the checkpoints named by ``config`` into ``out_dir`` (see the module docstring).
+
+    ``config``: a ``MergeConfig``, a YAML path or string, or a dict in mergekit's schema.
+    With ``options.dry_run`` the plan is printed and nothing is read or written."""
+    options = options or MergeOptions()
+    say = echo or (lambda s: None if options.quiet else print(s, file=sys.stderr))
+    device = _device(options.device)
+    plan = plan_merge(config, out_dir, options)
+    state = _check_output(plan)
+    if options.dry_run:
+        print(plan.describe())
+        return MergeResult(out_dir=plan.out_dir, plan=plan)
+    if state == "complete":
+        say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
+        return MergeResult(out_dir=plan.out_dir, plan=plan)
+
+    tmp = plan.tmp_dir
+    manifest = Manifest(tmp, plan.fingerprint)
+    done_shards: set[str] = set()
+    if state == "resume":
+        done_shards = manifest.verified_shards(plan.shards)
+    already = sum(s.file_bytes for s in plan.shards if s.filename in done_shards)
+    _check_disk(plan, already)
+
+    # -- heavy work starts here ------------------------------------------------------------
+    if state == "fresh" and tmp.exists():
+        shutil.rmtree(tmp)  # --overwrite: a stale partial folder is discarded
+    tmp.mkdir(parents=True, exist_ok=True)
+    for s in plan.shards:
+        if s.filename not in done_shards and (tmp / s.filename).exists():
+            (tmp / s.filename).unlink()
+    manifest.save()
+    if done_shards:
+        say(f"resuming: {len(done_shards)} of {len(plan.shards)} shard(s) verified and kept")
+
+    report = MergeReport(method=plan.config.spec.name)
+    reader = TensorReader(pin_memory=device.type == "cuda")
+    t0 = time.perf_counter()
+    result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done_shards))
+    try:
+        decisions = ModelDecisions()
+        if plan.needs_analysis:
+            say(f"analysis pass over {len(plan.names)} tensors ...")
+            source = StreamingSource(plan, reader, device)
+            try:
+                decisions = _analyze(plan, source)
+            finally:
+                source.close()
+        report.decisions = decisions
+        _merge_pass(plan, reader, device, decisions, report, manifest, done_shards, result)
+    finally:
+        reader.close()
+    result.seconds = time.perf_counter() - t0
+    _finalize(plan, decisions, manifest)
+    commit(tmp, plan.out_dir, overwrite=options.overwrite)
+    return result
+
+
+def _analyze(plan: MergePlan, source: StreamingSource) -> ModelDecisions:
+    from .api import analyze
+
+    return analyze(plan.config.spec, plan.analysis_params, source)
+
+
+def _merge_pass(
+    plan: MergePlan,
+    reader: TensorReader,
+    device: torch.device,
+    decisions: ModelDecisions,
+    report: MergeReport,
+    manifest: Manifest,
+    done_shards: set[str],
+    result: MergeResult,
+) -> None:
+    opts = plan.options
+    skip_names = {e.name for s in plan.shards if s.filename in done_shards for e in s.entries}
+    units = [u for u in plan.units if u.name not in skip_names]
+    total = sum(u.in_bytes for u in units)
+    bar = _progress(total, opts.quiet)
+    writer = ShardedWriter(
+        plan.tmp_dir,
+        plan.shards,
+        manifest,
+        skip=done_shards,
+        max_pending_bytes=plan.writer_budget,
+        asynchronous=opts.async_write,
+        shard_extra=lambda shard: {
+            "report": {e.name: dict(report.tensors[e.name]) for e in shard.entries if e.name in report.tensors}
+        },
+    )
+    spec = plan.config.spec
+    prefetch = Prefetcher(
+        units,
+        load=lambda u: _read_unit(plan, reader, u),
+        cost=lambda u: u.in_bytes,
+        budget_bytes=plan.prefetch_budget,
+        enabled=opts.prefetch,
+    )
+    ok = False
+    try:
+        for unit, (base, experts) in prefetch:
+            base, experts = _to_device(plan, base, experts, device)
+            row_numel = 1
+            for s in plan.base.tensors[unit.name].shape[1:]:
+                row_numel *= s
+            ctx = TensorContext(
+                name=unit.name,
+                decisions=decisions.tensors.get(unit.name, TensorDecisions()),
+                report=report,
+                element_offset=unit.element_offset_rows * row_numel,
+            )
+            out = merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)
+            del base, experts
+            if out.is_floating_point() and not _all_finite(out):
+                n_bad = int((~torch.isfinite(out)).sum())
+                where = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
+                msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
+                if not opts.allow_nonfinite:
+                    raise NonFiniteResultError(
+                        f"{msg}; check the inputs and parameters, or pass --allow-nonfinite to write it anyway. "
+                        f"Finished shards are kept in {plan.tmp_dir} for --resume"
+                    )
+                if unit.name not in result.nonfinite:
+                    result.nonfinite.append(unit.name)
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                rec = report.tensors.setdefault(unit.name, {})
+                rec["nonfinite_values"] = rec.get("nonfinite_values", 0) + n_bad
+            want = plan.out_entries[unit.name].dtype
+            if out.dtype != want:
+                out = out.to(want)
+            writer.write(unit.name, out)
+            del out
+            result.bytes_read += unit.in_bytes
+            result.bytes_written += unit.out_bytes
+            if bar is not None:
+                bar.update(unit.in_bytes)
+        writer.close()
+        ok = True
+    finally:
+        if not ok:
+            writer.abort()
+        prefetch.close()
+        if bar is not None:
+            bar.close()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN/Inf. A sum is ~10x faster than ``isfinite`` on CPU and is
+    non-finite whenever an element is; only then (or on overflow of the sum) are elements checked."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True, file=sys.stderr)
+
+
+def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) -> None:
+    cfg = plan.config
+    out = plan.tmp_dir
+    write_index(out, plan.shards, {"tritonmerge_version": __version__})
+    float_out = [e.dtype for e in plan.out_entries.values() if e.dtype.is_floating_point]
+    torch_dtype = dtype_name(max(set(float_out), key=float_out.count)) if float_out else None
+    base_folder = plan.base.folder
+    outfolder.write_config_json(out, plan.base.config(), torch_dtype)
+    outfolder.copy_tokenizer_files(base_folder, out)
+    params = _params_json(plan.analysis_params) if plan.analysis_params is not None else cfg.resolve()
+    outfolder.write_model_card(
+        out,
+        base_model=cfg.base.name,
+        models=[m.name for m in cfg.experts],
+        method=cfg.merge_method,
+        method_doc=cfg.spec.doc,
+        parameters=params,
+        config_yaml=cfg.to_yaml(),
+        version=__version__,
+    )
+    outfolder.write_text(out, outfolder.CONFIG_NAME, cfg.to_yaml())
+    if plan.needs_analysis:
+        outfolder.write_json(out, outfolder.DECISIONS_NAME, decisions.to_json())
+    # per-tensor numbers (e.g. WUDI losses), kept per shard in the manifest so that a resumed run
+    # reports the shards it did not redo; timings stay out so reruns give the same bytes
+    tensors: dict[str, Any] = {}
+    for rec in manifest.shards.values():
+        tensors.update(rec.get("report", {}))
+    if tensors:
+        outfolder.write_json(out, outfolder.REPORT_NAME, {"tensors": dict(sorted(tensors.items()))})

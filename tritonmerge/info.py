@@ -1,0 +1,88 @@
+"""``tritonmerge info`` / ``python -m tritonmerge.info``: versions, devices, and for every method
+which backends can run here — and, for each that cannot, why."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # not installed, or broken
+        return f"not available ({type(exc).__name__}: {exc})".splitlines()[0]
+    return getattr(mod, "__version__", "installed")
+
+
+def collect() -> dict[str, Any]:
+    """The facts ``info_text`` prints, as a dict (for tests and bug reports)."""
+    import torch
+
+    from . import __version__, backends
+    from .registry import get_method, list_methods
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            devices.append(f"cuda:{i} {props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})")
+    ext, ext_why = backends.extension_status()
+    methods = {}
+    for name in list_methods():
+        spec = get_method(name)
+        methods[name] = backends.method_backends(spec)
+    return {
+        "tritonmerge": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "safetensors": _version("safetensors"),
+        "transformers": _version("transformers"),
+        "cpu_threads": torch.get_num_threads(),
+        "devices": devices,
+        "backend_env": os.environ.get("TRITONMERGE_BACKEND", "auto"),
+        "triton_status": backends.triton_status(),
+        "extension_status": ext_why,
+        "cpu_status": backends.cpu_status(),
+        "methods": methods,
+    }
+
+
+def info_text() -> str:
+    """A readable report of versions, devices and backend availability."""
+    d = collect()
+    ok = lambda why: "available" if why is None else f"unavailable: {why}"  # noqa: E731
+    lines = [
+        f"tritonmerge   {d['tritonmerge']}",
+        f"python        {d['python']} ({d['platform']})",
+        f"torch         {d['torch']} (CUDA {d['torch_cuda'] or 'none'}, {d['cpu_threads']} CPU threads)",
+        f"triton        {d['triton']}",
+        f"safetensors   {d['safetensors']}",
+        f"transformers  {d['transformers']}",
+        f"devices       {', '.join(d['devices'])}",
+        f"TRITONMERGE_BACKEND={d['backend_env']}",
+        "",
+        "backends:",
+        "  torch   available (the reference; always)",
+        f"  cpu     {ok(d['cpu_status'])}",
+        f"  triton  {ok(d['triton_status'])}",
+        f"  cuda    {ok(d['extension_status'])}",
+        "",
+        "methods (backends that would run here; others with the reason):",
+    ]
+    for name, per_backend in d["methods"].items():
+        usable = [b for b, why in per_backend.items() if why is None]
+        missing = {b: why for b, why in per_backend.items() if why is not None and why != "no implementation"}
+        lines.append(f"  {name:18s} {', '.join(usable)}")
+        for b, why in missing.items():
+            lines.append(f"  {'':18s}   {b}: {why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(info_text())

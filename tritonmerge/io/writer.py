@@ -1,0 +1,364 @@
+"""Sharded safetensors output, written asynchronously, resumable, committed atomically.
+
+The whole output layout is planned before the first tensor is computed (``plan_shards``): every
+shard's header (names, shapes, dtypes, byte offsets) is known from the input headers, so each
+shard file starts with its final header and tensors are appended in planned order as they come.
+Nothing is buffered per shard: the writer holds at most ``max_pending_bytes`` of computed tensors
+on its queue, whatever the shard size.
+
+Each finished shard is fsynced and its SHA-256 recorded in a manifest; ``--resume`` keeps shards
+whose checksum still matches and redoes the rest, so an interrupted run finishes with the same
+bytes as an uninterrupted one. Everything goes into a hidden folder beside the output
+(``partial_dir``) that is renamed into place only when complete (``commit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import CheckpointError
+from .index import TORCH_TO_SAFETENSORS, itemsize
+
+MANIFEST_NAME = "tritonmerge_checksums.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class ShardPlan:
+    """One output file: its name, its tensors in file order and their data offsets."""
+
+    filename: str
+    entries: list[OutputEntry]
+    header: bytes = b""
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        return 8 + len(self.header) + self.data_bytes
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``"5B"`` (bytes, like mergekit) / ``1000`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("TB", 10**12), ("GB", 10**9),
+             ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)]
+    for suffix, mult in units:
+        if s.endswith(suffix):
+            number = s[: -len(suffix)]
+            break
+    else:
+        number, mult = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 5GB, 500MB or 2GiB") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * mult)
+
+
+def plan_shards(entries: Sequence[OutputEntry], max_shard_bytes: int) -> list[ShardPlan]:
+    """Split ``entries`` (in processing order) into shards of at most ``max_shard_bytes`` of
+    tensor data (a larger tensor gets a shard of its own). Within a shard, tensors are laid out
+    by decreasing element size, so every tensor's data is aligned to its element size."""
+    groups: list[list[OutputEntry]] = []
+    current: list[OutputEntry] = []
+    size = 0
+    for e in entries:
+        if current and size + e.nbytes > max_shard_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += e.nbytes
+    if current:
+        groups.append(current)
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        ordered = sorted(group, key=lambda e: -itemsize(e.dtype))  # stable: keeps order within a size
+        shard = ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", ordered)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for e in ordered:
+            header[e.name] = {"dtype": TORCH_TO_SAFETENSORS[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+            shard.offsets[e.name] = (pos, pos + e.nbytes)
+            pos += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
+        shard.header = raw
+        shards.append(shard)
+    return shards
+
+
+def write_index(folder: Path, shards: Sequence[ShardPlan], metadata: dict[str, Any] | None = None) -> None:
+    """``model.safetensors.index.json`` with ``metadata.total_size`` (bytes of tensor data)."""
+    weight_map = {e.name: s.filename for s in shards for e in s.entries}
+    meta = {"total_size": sum(s.data_bytes for s in shards), **(metadata or {})}
+    data = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class Manifest:
+    """Checksums of finished shards plus the fingerprint of the plan that made them."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.path = folder / MANIFEST_NAME
+        self.fingerprint = fingerprint
+        self.shards: dict[str, dict[str, Any]] = {}
+
+    def save(self) -> None:
+        data = {"plan": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def verified_shards(self, shards: Sequence[ShardPlan]) -> set[str]:
+        """Load the manifest found in the folder and return the shards whose files still match it.
+
+        Raises when the folder was made by a different plan (other inputs, config or options)."""
+        if not self.path.is_file():
+            return set()
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read the resume manifest {self.path}: {exc}") from None
+        if data.get("plan") != self.fingerprint:
+            raise CheckpointError(
+                f"the partial output in {self.path.parent} was made from a different config, inputs or "
+                f"options; it cannot be resumed (use --overwrite to start over)"
+            )
+        planned = {s.filename: s for s in shards}
+        good: set[str] = set()
+        for fname, rec in data.get("shards", {}).items():
+            p = self.path.parent / fname
+            shard = planned.get(fname)
+            if shard is None or not p.is_file() or p.stat().st_size != shard.file_bytes:
+                continue
+            if file_sha256(p) == rec.get("sha256"):
+                good.add(fname)
+                self.shards[fname] = rec
+        return good
+
+
+class ShardedWriter:
+    """Appends tensors to their planned shard files on a background thread.
+
+    ``write(name, tensor)`` must be called in plan order (skipping the shards listed in
+    ``skip``); it returns once the tensor is queued, blocking while more than
+    ``max_pending_bytes`` are waiting. ``close()`` waits for the queue and re-raises any write
+    error; ``abort()`` stops without finishing."""
+
+    def __init__(
+        self,
+        folder: Path,
+        shards: Sequence[ShardPlan],
+        manifest: Manifest,
+        *,
+        skip: set[str] = frozenset(),
+        max_pending_bytes: int = 1 << 28,
+        on_written: Callable[[int], None] | None = None,
+        asynchronous: bool = True,
+        shard_extra: Callable[[ShardPlan], dict[str, Any]] | None = None,
+    ) -> None:
+        self.folder = folder
+        self._shard_extra = shard_extra
+        self.shards = [s for s in shards if s.filename not in skip]
+        self.manifest = manifest
+        self._order = [(s, e) for s in self.shards for e in s.entries]
+        self._next = 0
+        self._written_in_entry = 0
+        self._max_pending = max(int(max_pending_bytes), 1)
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._on_written = on_written
+        self._async = asynchronous
+        self._file = None
+        self._hash = None
+        self._thread: threading.Thread | None = None
+        if asynchronous:
+            self._thread = threading.Thread(target=self._run, name="tritonmerge-writer", daemon=True)
+            self._thread.start()
+
+    @property
+    def expected(self) -> list[str]:
+        """Tensor names still to be written, in order."""
+        return [e.name for _, e in self._order[self._next :]]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` (the whole tensor, or its next rows) for the file; in plan order."""
+        self._raise_if_failed()
+        if self._next >= len(self._order):
+            raise CheckpointError(f"writer: tensor {name!r} is not in the output plan")
+        shard, entry = self._order[self._next]
+        if name != entry.name:
+            raise CheckpointError(f"writer: expected tensor {entry.name!r} next, got {name!r}")
+        rows_ok = tensor.dim() == len(entry.shape) and tuple(tensor.shape[1:]) == entry.shape[1:] and tensor.dim() > 0
+        if tensor.dtype != entry.dtype or not (tuple(tensor.shape) == entry.shape or rows_ok):
+            raise CheckpointError(
+                f"writer: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the plan says {entry.shape} {entry.dtype}"
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._written_in_entry + nbytes > entry.nbytes:
+            raise CheckpointError(f"writer: more rows than planned for tensor {name!r}")
+        self._written_in_entry += nbytes
+        first = self._written_in_entry == nbytes
+        last = self._written_in_entry == entry.nbytes
+        if last:
+            self._next += 1
+            self._written_in_entry = 0
+        tensor = tensor.detach().to("cpu").contiguous()
+        job = (shard, entry, tensor, first, last)
+        if not self._async:
+            self._write_one(*job)
+            return
+        with self._cond:
+            while self._pending > 0 and self._pending + nbytes > self._max_pending and self._error is None:
+                self._cond.wait()
+            self._pending += nbytes
+        self._raise_if_failed()
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            shard, entry, tensor, first, last = job
+            nbytes = tensor.numel() * tensor.element_size()
+            try:
+                if self._error is None:
+                    self._write_one(shard, entry, tensor, first, last)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                del tensor, job
+                with self._cond:
+                    self._pending -= nbytes
+                    self._cond.notify_all()
+
+    def _write_one(self, shard: ShardPlan, entry: OutputEntry, tensor: torch.Tensor, first: bool, last: bool) -> None:
+        path = self.folder / shard.filename
+        try:
+            if first and entry is shard.entries[0]:
+                self._file = open(path, "wb")
+                self._hash = hashlib.sha256()
+                prefix = len(shard.header).to_bytes(8, "little") + shard.header
+                self._file.write(prefix)
+                self._hash.update(prefix)
+            if tensor.numel():
+                data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                self._file.write(data)
+                self._hash.update(data)
+            if last and entry is shard.entries[-1]:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+                rec = {"sha256": self._hash.hexdigest(), "bytes": shard.file_bytes}
+                if self._shard_extra is not None:
+                    rec.update(self._shard_extra(shard))
+                self.manifest.shards[shard.filename] = rec
+                self.manifest.save()
+        except OSError as exc:
+            raise CheckpointError(f"writing {path} failed: {exc}") from None
+        if self._on_written is not None:
+            self._on_written(tensor.numel() * tensor.element_size())
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self.abort()
+            raise err
+
+    def close(self) -> None:
+        """Wait until everything queued is on disk; re-raise a write error."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._raise_if_failed()
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise CheckpointError(f"writer closed before tensor {missing!r} was written")
+
+    def abort(self) -> None:
+        """Stop the thread, leave finished shards (and the manifest) for --resume."""
+        if self._thread is not None:
+            with self._cond:
+                self._error = self._error or CheckpointError("aborted")
+                self._cond.notify_all()
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """The hidden working folder beside ``out_dir`` that becomes ``out_dir`` when complete."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.tritonmerge-partial"
+
+
+def commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir``. An existing ``out_dir`` (allowed only
+    with ``overwrite``) is moved aside first and deleted after the rename, so at every moment
+    either the old or the new complete folder is in place."""
+    out_dir = Path(out_dir).absolute()
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise CheckpointError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+        old = out_dir.parent / f".{out_dir.name}.tritonmerge-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
