@@ -110,10 +110,14 @@ class MergeConfig:
         return _MERGEKIT_GTA.get(self._inner_name())
 
     def _inner_name(self) -> str:
-        if self.spec.modifier:
-            inner = self.parameters.get("merge_method")
-            return inner if isinstance(inner, str) else ""
-        return self.merge_method
+        """The method that finally merges each tensor (through tadrop/lwptv wrappers)."""
+        spec, params = self.spec, dict(self.parameters)
+        while spec.modifier:
+            inner = params.get("merge_method")
+            if not isinstance(inner, str):
+                return ""
+            spec, params = get_method(inner), _unwrap(params)
+        return spec.name
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -264,8 +268,18 @@ def _param_models(spec: MergeMethod, parameters: Mapping[str, Any]) -> list[type
             inner = get_method(inner_name)
         except TritonMergeError as exc:
             raise ConfigError(f"{spec.name}: parameter merge_method: {exc}") from None
-        models.extend(_param_models(inner, parameters))
+        models.extend(_param_models(inner, _unwrap(parameters)))
     return models
+
+
+def _unwrap(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as the wrapped method sees them: a modifier wrapping another modifier names
+    that one's inner method ``inner_merge_method`` (see methods/lwptv.py)."""
+    params = dict(parameters)
+    params.pop("merge_method", None)
+    if "inner_merge_method" in params:
+        params["merge_method"] = params.pop("inner_merge_method")
+    return params
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.\-/]+)?$")
