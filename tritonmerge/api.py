@@ -21,8 +21,24 @@ from .source import InMemorySource, TensorSource
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN/Inf. On CPU one fused read (ops/cpu_kernels) where compiled;
+    elsewhere a sum first (non-finite whenever an element is, ~10x cheaper than ``isfinite``),
+    and the elementwise check only when the sum is not finite (or overflowed)."""
+    if t.numel() == 0:
+        return True
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if backends.cpu_status() is None:
+            from .ops import cpu_kernels
+
+            return cpu_kernels.count_nonfinite(t) == 0
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise InputError(f"{what} contains {n_nan} NaN and {n_inf} Inf values; refusing to merge it")

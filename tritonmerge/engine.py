@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import __version__
-from .api import merge_one
+from .api import all_finite, merge_one
 from .config import MergeConfig, load_config, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
 from .errors import CheckpointError, ConfigError, NonFiniteResultError
@@ -637,7 +637,7 @@ def _merge_pass(
             )
             out = merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)
             del base, experts
-            if out.is_floating_point() and not _all_finite(out):
+            if out.is_floating_point() and not all_finite(out):
                 n_bad = int((~torch.isfinite(out)).sum())
                 where = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
                 msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
@@ -668,16 +668,6 @@ def _merge_pass(
         prefetch.close()
         if bar is not None:
             bar.close()
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` has no NaN/Inf. A sum is ~10x faster than ``isfinite`` on CPU and is
-    non-finite whenever an element is; only then (or on overflow of the sum) are elements checked."""
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def _progress(total: int, quiet: bool):

@@ -22,10 +22,11 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
+from .. import backends
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.consensus import combine
-from ..ops import fused_merge
+from ..ops import cpu_merge, fused_merge
 from ..ops.sparsify import (
     bernoulli_mask,
     breadcrumbs_mask,
@@ -205,14 +206,27 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
     # The official code keeps |τ| >= the (n − ⌊d·n⌋)-th smallest, i.e. ⌊d·n⌋ + 1 entries before ties.
     counts = [min(total, int(d * total) + 1) for d in densities]
 
+    def keep_flags(name: str) -> list[bool] | None:
+        return decisions.tensors[name].keep if name in decisions.tensors else None
+
     def magnitudes():
         for name in names:
             base, experts = source.load(name)
-            keep = decisions.tensors[name].keep if name in decisions.tensors else None
+            keep = keep_flags(name)
             taus = task_vectors(base, experts)
             yield [t.abs() if keep is None or keep[i] else torch.zeros_like(t) for i, t in enumerate(taus)]
 
-    thresholds = fused_merge.model_thresholds(magnitudes, counts)
+    def pairs():  # (base, experts) with pruned experts as None: the fused CPU histograms form τ themselves
+        for name in names:
+            base, experts = source.load(name)
+            keep = keep_flags(name)
+            yield base, [e if keep is None or keep[i] else None for i, e in enumerate(experts)]
+
+    on_cpu = not names or not source.load(names[0])[0].is_cuda
+    if on_cpu and backends.cpu_status() is None and backends.requested_backend() in ("auto", "cpu"):
+        thresholds = cpu_merge.model_thresholds_cpu(pairs, counts)
+    else:
+        thresholds = fused_merge.model_thresholds(magnitudes, counts)
     for name in names:
         decisions.for_tensor(name).threshold = thresholds
     decisions.summary["ties_model_topk"] = {
@@ -314,3 +328,6 @@ _register(
     Family("della", False),
     "DELLA's MagPrune drops followed by task arithmetic.",
 )
+
+# The fused C loops (compiled on first use) take these methods on CPU tensors; see ops/cpu_merge.py.
+cpu_merge.register_cpu_impls()

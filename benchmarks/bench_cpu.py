@@ -1,0 +1,182 @@
+"""Fused CPU loops vs the torch reference: 3-expert TIES (density 0.2, per-tensor exact top-k) on
+bf16 tensors of Llama shapes (pytest-benchmark).
+
+Cases: a 4096×4096 projection, a 32000×768 embedding and a 4096×8192 tensor (33.5M elements, the
+size the design notes quote). Variants:
+
+- ``cpu``:   ops/cpu_merge.gta_cpu (radix select + fused merge in C, OpenMP threads);
+- ``torch``: the reference merge_family (what the torch backend runs), timed once;
+- ``bound``: reading the inputs and writing the output once with torch copies (one pass at the
+  machine's copy speed): the floor for any implementation that must read every input.
+
+Every case first checks the fused output against the reference, bit for bit (untimed; the
+reference run doubles as the torch timing). A summary JSON goes to
+``benchmarks/results/cpu-<machine>.json`` (directory overridable with TRITONMERGE_BENCH_RESULTS)::
+
+    pytest benchmarks/bench_cpu.py --benchmark-only -s
+    TRITONMERGE_BENCH_FULL=1 pytest benchmarks/bench_cpu.py --benchmark-only   # + the 33.5M case
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonmerge.context import TensorContext
+from tritonmerge.methods.task_arithmetic import Family, merge_family
+from tritonmerge.ops import cpu_kernels as ck
+from tritonmerge.ops import cpu_merge
+from tritonmerge.registry import get_method
+
+pytest.importorskip("pytest_benchmark")
+pytestmark = pytest.mark.skipif(ck.status() is not None, reason=f"{ck.status()}")
+
+SHAPES = [(4096, 4096), (32000, 768)]
+if os.environ.get("TRITONMERGE_BENCH_FULL") == "1":
+    SHAPES.append((4096, 8192))
+N_EXPERTS, DENSITY = 3, 0.2
+TIES = Family("magnitude", True)
+RESULTS: list[dict] = []
+_REFERENCE: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_summary():
+    yield
+    if not RESULTS:
+        return
+    out_dir = Path(os.environ.get("TRITONMERGE_BENCH_RESULTS", Path(__file__).parent / "results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{_cpu_name()}-{torch.get_num_threads()}t".lower()).strip("-")
+    summary = {
+        "benchmark": "cpu_ties",
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "library": ck.build_info(),
+        "git": _git_sha(),
+        "load_average": os.getloadavg(),
+        "experts": N_EXPERTS,
+        "density": DENSITY,
+        "results": RESULTS,
+    }
+    (out_dir / f"cpu-{slug}.json").write_text(json.dumps(summary, indent=1))
+
+
+def _tensors(shape, seed=0):
+    """bf16 base ~ N(0, 0.02²) and experts = base + N(0, 0.002²): fine-tuning-sized task vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen) * 0.02
+    experts = [(base + 0.002 * torch.randn(shape, generator=gen)).bfloat16() for _ in range(N_EXPERTS)]
+    return base.bfloat16(), experts
+
+
+_INPUTS: dict[tuple, tuple] = {}
+
+
+def _inputs(shape):
+    if shape not in _INPUTS:
+        _INPUTS.clear()  # one shape in memory at a time
+        _INPUTS[shape] = _tensors(shape)
+    return _INPUTS[shape]
+
+
+def _params():
+    return get_method("ties").validate({"density": DENSITY})
+
+
+def _reference(shape) -> tuple[torch.Tensor, float]:
+    if shape not in _REFERENCE:
+        _REFERENCE.clear()
+        base, experts = _inputs(shape)
+        t0 = time.perf_counter()
+        ref = merge_family(base, experts, _params(), TensorContext(name="w"), TIES, "ties").to(base.dtype)
+        _REFERENCE[shape] = (ref, time.perf_counter() - t0)
+    return _REFERENCE[shape]
+
+
+def _record(benchmark, shape, variant, **extra):
+    base, experts = _inputs(shape)
+    seconds = benchmark.stats.stats.min if benchmark.stats else extra.pop("seconds")
+    moved = base.numel() * base.element_size() * (len(experts) + 2)  # read N + 1, write 1
+    row = {
+        "case": f"{shape[0]}x{shape[1]}",
+        "elements": base.numel(),
+        "variant": variant,
+        "seconds": seconds,
+        "effective_gb_s": moved / seconds / 1e9,
+        **extra,
+    }
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+    return row
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bound_copy(benchmark, shape):
+    base, experts = _inputs(shape)
+    scratch = torch.empty_like(base)
+
+    def target():
+        for t in (base, *experts):
+            scratch.copy_(t)
+
+    benchmark.group = f"ties-{shape[0]}x{shape[1]}"
+    benchmark.pedantic(target, rounds=5, warmup_rounds=1, iterations=1)
+    _record(benchmark, shape, "bound")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused_cpu(benchmark, shape):
+    base, experts = _inputs(shape)
+    p, ctx = _params(), TensorContext(name="w")
+    got = cpu_merge.gta_cpu(base, experts, p, ctx, TIES, "ties")
+    ref, torch_seconds = _reference(shape)
+    assert torch.equal(got, ref), "fused CPU TIES differs from the torch reference"
+
+    benchmark.group = f"ties-{shape[0]}x{shape[1]}"
+    benchmark.pedantic(lambda: cpu_merge.gta_cpu(base, experts, p, ctx, TIES, "ties"), rounds=5, warmup_rounds=1, iterations=1)
+    bound = next((r["seconds"] for r in RESULTS if r["variant"] == "bound" and r["elements"] == base.numel()), None)
+    row = _record(benchmark, shape, "cpu", gate="torch.equal with the reference")
+    row["speedup_vs_torch"] = torch_seconds / row["seconds"]
+    if bound:
+        row["ratio_to_bound"] = row["seconds"] / bound
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_torch_reference(benchmark, shape):
+    base, experts = _inputs(shape)
+    p, ctx = _params(), TensorContext(name="w")
+    _reference(shape)  # the gate run of test_fused_cpu, if it ran first; else a warm-up
+
+    benchmark.group = f"ties-{shape[0]}x{shape[1]}"
+    benchmark.pedantic(lambda: merge_family(base, experts, p, ctx, TIES, "ties").to(base.dtype), rounds=1, iterations=1)
+    _record(benchmark, shape, "torch")

@@ -1,0 +1,875 @@
+/*
+ * Fused CPU loops for tritonmerge's task-arithmetic family (linear, task arithmetic, TIES,
+ * magnitude, DARE), compiled on first use by tritonmerge/ops/cpu_kernels.py and called through
+ * ctypes with raw pointers. Plain C11 + OpenMP; no torch or Python headers.
+ *
+ * The torch reference (tritonmerge/methods/task_arithmetic.py) is the specification. Every float
+ * operation here is the one the reference performs, in the same order (experts accumulated
+ * i = 0..N-1 in float32, scalars rounded to float32 first, true division), so results are
+ * bit-identical to it. That requires compiling without -ffast-math and with -ffp-contract=off:
+ * a fused multiply-add would round once where the reference rounds twice.
+ *
+ * Work is split into segments, contiguous runs of TM_CHUNK-element chunks, one per thread; each
+ * segment is processed in flat order, in blocks of TM_BLOCK elements converted to float32 in
+ * per-thread scratch so that the arithmetic loops are simple and vectorise. Results never depend
+ * on the thread count. Task vectors are never materialised in memory.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TM_ABI_VERSION 1
+#define TM_MAX_EXPERTS 16
+#define TM_BLOCK 1024
+#define TM_CHUNK (64 * 1024)
+#define TM_HIGH_BINS 32768 /* |x| has a zero sign bit: bits 30..16 */
+#define TM_LOW_BINS 65536
+/* Segments (the unit of parallel work) count histograms in uint32: at most 2^31 elements each. */
+#define TM_SEGMENT_MAX ((int64_t)1 << 31)
+/* At most this many segments: the low-bits histograms are kept per segment (N × 256 KiB each). */
+#define TM_MAX_SEGMENTS 16
+
+/* Hot loops get AVX2 and AVX-512 clones chosen at load time (the cached .so stays portable). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TM_NO_TARGET_CLONES)
+#define TM_HOT __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define TM_HOT
+#endif
+
+enum { TM_F32 = 0, TM_BF16 = 1, TM_F16 = 2 };
+enum {
+    KEEP_ALL = 0,       /* no mask */
+    KEEP_NONE = 1,      /* the task vector is zero (the expert is the base): not read at all */
+    KEEP_THRESHOLD = 2, /* keep |τ| >= threshold (TIES topk_scope=model) */
+    KEEP_TOPK = 3,      /* keep |τ| > threshold, plus the first `need` entries equal to it */
+    KEEP_RANDOM = 4     /* keep where the counter-based uniform u < keep_prob (DARE) */
+};
+enum { RESCALE_NONE = 0, RESCALE_DIVIDE = 1, RESCALE_MULTIPLY = 2 };
+enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2 };
+enum { DIV_NONE = 0, DIV_WEIGHT = 1, DIV_COUNT = 2, DIV_CONSTANT = 3 };
+enum { TM_OK = 0, TM_ENOMEM = -1, TM_EINVAL = -2, TM_ERANGE = -3 };
+
+/* Mirrored field by field by ctypes in tritonmerge/ops/cpu_kernels.py (checked via tm_args_size). */
+typedef struct {
+    int32_t n_experts;
+    int32_t n_threads;
+    int64_t numel;
+    int64_t offset; /* flat index of element 0 in the whole tensor (row chunks): RNG counter */
+    const void *base;
+    void *out;
+    int32_t base_dtype;
+    int32_t out_dtype;
+    int32_t subtract_base; /* 1: τ = expert − base; 0 (linear): τ = expert */
+    int32_t add_base;      /* 1: out = base + λ·merged; 0: out = merged */
+    int32_t election;
+    int32_t divide;
+    float lambda;
+    float divide_constant;
+    const void *experts[TM_MAX_EXPERTS];
+    int32_t expert_dtype[TM_MAX_EXPERTS];
+    int32_t keep_mode[TM_MAX_EXPERTS];
+    int32_t rescale_mode[TM_MAX_EXPERTS];
+    float threshold[TM_MAX_EXPERTS];
+    float keep_prob[TM_MAX_EXPERTS];
+    float rescale_value[TM_MAX_EXPERTS];
+    float weight[TM_MAX_EXPERTS];
+    uint32_t key0[TM_MAX_EXPERTS];
+    uint32_t key1[TM_MAX_EXPERTS];
+    int64_t need[TM_MAX_EXPERTS]; /* KEEP_TOPK: how many entries equal to the threshold to keep */
+    int64_t tied[TM_MAX_EXPERTS]; /* KEEP_TOPK: how many entries equal the threshold in all */
+    /* KEEP_TOPK: entries equal to the threshold per (segment, expert), from tm_topk_select;
+       NULL makes tm_merge count them itself (one more read) when only some ties are kept */
+    const int64_t *seg_ties;
+    int32_t n_segments;
+    int32_t reserved;
+} tm_args;
+
+int tm_abi_version(void) { return TM_ABI_VERSION; }
+int64_t tm_args_size(void) { return (int64_t)sizeof(tm_args); }
+int tm_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Scalar helpers                                                                             */
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+/* torch's c10::BFloat16 rounding: round to nearest even, NaN -> 0x7FC0. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u = float_to_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* IEEE binary16 -> binary32, exact. */
+static inline float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1Fu;
+    uint32_t mantissa = h & 0x3FFu;
+    if (exponent == 0) { /* zero or subnormal: mantissa · 2^-24, exact in float32 */
+        float f = (float)mantissa * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    if (exponent == 31) return bits_to_float(sign | 0x7F800000u | (mantissa << 13));
+    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+/* binary32 -> binary16 with round to nearest even (what torch's .to(float16) does). */
+static inline uint16_t float_to_f16(float f) {
+    uint32_t u = float_to_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u;   /* NaN */
+    if (a >= 0x477FF000u) return sign | 0x7C00u;  /* >= 65520 rounds to infinity */
+    if (a < 0x38800000u) {                        /* below 2^-14: subnormal result */
+        /* Adding 0.5 puts the value's 2^-24 units in the low mantissa bits with RNE. */
+        float shifted = bits_to_float(a) + 0.5f;
+        return sign | (uint16_t)(float_to_bits(shifted) - 0x3F000000u);
+    }
+    a -= (uint32_t)112 << 23; /* rebias the exponent from 127 to 15 */
+    a += 0xFFFu + ((a >> 13) & 1u);
+    return sign | (uint16_t)(a >> 13);
+}
+
+/* The hash of ops/rng.py: two rounds of MurmurHash3's fmix32 over (index, keys). */
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline uint32_t hash_index(uint64_t index, uint32_t key0, uint32_t key1) {
+    uint32_t lo = (uint32_t)index, hi = (uint32_t)(index >> 32);
+    uint32_t h = fmix32(lo * 0x9E3779B1u + key0);
+    return fmix32(h ^ (hi * 0x85EBCA6Bu + key1));
+}
+
+/* Uniform in [0, 1): the top 24 bits times 2^-24, exact in float32 (ops/rng.uniform). */
+static inline float hash_uniform(uint32_t h) { return (float)(int32_t)(h >> 8) * 0x1p-24f; }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Block loaders: float32 values (or τ = e − b) of elements [start, start + m)               */
+
+static inline void load_block(const void *src, int dtype, int64_t start, int m, float *restrict dst) {
+    if (dtype == TM_F32) {
+        memcpy(dst, (const float *)src + start, (size_t)m * sizeof(float));
+    } else if (dtype == TM_BF16) {
+        const uint16_t *restrict s = (const uint16_t *)src + start;
+        for (int j = 0; j < m; j++) dst[j] = bf16_to_float(s[j]);
+    } else {
+        const uint16_t *restrict s = (const uint16_t *)src + start;
+        for (int j = 0; j < m; j++) dst[j] = f16_to_float(s[j]);
+    }
+}
+
+static inline void load_tau(const void *src, int dtype, int64_t start, int m, const float *restrict b,
+                            int subtract, float *restrict t) {
+    if (!subtract) {
+        load_block(src, dtype, start, m, t);
+        return;
+    }
+    if (dtype == TM_F32) {
+        const float *restrict s = (const float *)src + start;
+        for (int j = 0; j < m; j++) t[j] = s[j] - b[j];
+    } else if (dtype == TM_BF16) {
+        const uint16_t *restrict s = (const uint16_t *)src + start;
+        for (int j = 0; j < m; j++) t[j] = bf16_to_float(s[j]) - b[j];
+    } else {
+        const uint16_t *restrict s = (const uint16_t *)src + start;
+        for (int j = 0; j < m; j++) t[j] = f16_to_float(s[j]) - b[j];
+    }
+}
+
+static inline void store_block(void *dst, int dtype, int64_t start, int m, const float *restrict v) {
+    if (dtype == TM_F32) {
+        memcpy((float *)dst + start, v, (size_t)m * sizeof(float));
+    } else if (dtype == TM_BF16) {
+        uint16_t *restrict d = (uint16_t *)dst + start;
+        for (int j = 0; j < m; j++) d[j] = float_to_bf16(v[j]);
+    } else {
+        uint16_t *restrict d = (uint16_t *)dst + start;
+        for (int j = 0; j < m; j++) d[j] = float_to_f16(v[j]);
+    }
+}
+
+static int valid_dtype(int d) { return d == TM_F32 || d == TM_BF16 || d == TM_F16; }
+
+static int check_args(const tm_args *a) {
+    if (a->n_experts < 0 || a->n_experts > TM_MAX_EXPERTS || a->numel < 0) return TM_EINVAL;
+    if ((a->subtract_base || a->add_base) && !valid_dtype(a->base_dtype)) return TM_EINVAL;
+    for (int i = 0; i < a->n_experts; i++)
+        if (a->keep_mode[i] != KEEP_NONE && !valid_dtype(a->expert_dtype[i])) return TM_EINVAL;
+    return TM_OK;
+}
+
+/* Segments: contiguous runs of whole chunks; one per thread, at most TM_MAX_SEGMENTS. */
+int32_t tm_segment_count(int64_t numel, int32_t threads) {
+    int64_t chunks = (numel + TM_CHUNK - 1) / TM_CHUNK;
+    int64_t s = threads > 0 ? threads : 1;
+    if (s > TM_MAX_SEGMENTS) s = TM_MAX_SEGMENTS;
+    if (s > chunks) s = chunks;
+    int64_t at_least = (numel + TM_SEGMENT_MAX - 1) / TM_SEGMENT_MAX;
+    if (s < at_least) s = at_least; /* only for tensors beyond 2^35 elements */
+    return s < 1 ? 1 : (int32_t)s;
+}
+
+static void segment_range(int64_t numel, int32_t segments, int32_t s, int64_t *start, int64_t *end) {
+    int64_t chunks = (numel + TM_CHUNK - 1) / TM_CHUNK;
+    int64_t c0 = chunks * s / segments, c1 = chunks * (s + 1) / segments;
+    *start = c0 * TM_CHUNK;
+    *end = c1 * TM_CHUNK < numel ? c1 * TM_CHUNK : numel;
+}
+
+static int thread_count(const tm_args *a, int32_t segments) {
+    int nt = a->n_threads > 0 ? a->n_threads : 1;
+    return nt < segments ? nt : segments;
+}
+
+/* Scratch per thread: base, acc, div, total and one block per expert. */
+static size_t scratch_floats(void) { return (size_t)(4 + TM_MAX_EXPERTS) * TM_BLOCK; }
+
+static inline int block_len(int64_t s, int64_t end) { return (int)(end - s < TM_BLOCK ? end - s : TM_BLOCK); }
+
+/* ---------------------------------------------------------------------------------------- */
+/* The exact top-k threshold: two histogram passes over |τ|'s float32 bits (radix select)      */
+
+/* High-bits histogram of |τ| (bits 30..16) for the experts in `which`; τ ≡ 0 counts in bin 0. */
+TM_HOT void tm_hist_high_range(const tm_args *a, int64_t start, int64_t end, uint32_t which, float *scratch,
+                               uint32_t *hist) {
+    float *b = scratch, *t = scratch + TM_BLOCK;
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < a->n_experts; i++) {
+            if (!((which >> i) & 1u)) continue;
+            uint32_t *h = hist + (size_t)i * TM_HIGH_BINS;
+            if (a->keep_mode[i] == KEEP_NONE) {
+                h[0] += (uint32_t)m;
+                continue;
+            }
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            for (int j = 0; j < m; j++) h[(float_to_bits(t[j]) & 0x7FFFFFFFu) >> 16]++;
+        }
+    }
+}
+
+/* Low 16 bits of |τ| for the entries whose high bits equal bins[i]. */
+TM_HOT void tm_hist_low_range(const tm_args *a, int64_t start, int64_t end, uint32_t which, const int32_t *bins,
+                              float *scratch, uint32_t *hist) {
+    float *b = scratch, *t = scratch + TM_BLOCK;
+    uint32_t *restrict u = (uint32_t *)(scratch + 2 * TM_BLOCK); /* only ever used as uint32 */
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < a->n_experts; i++) {
+            if (!((which >> i) & 1u)) continue;
+            uint32_t *h = hist + (size_t)i * TM_LOW_BINS;
+            if (a->keep_mode[i] == KEEP_NONE) {
+                if (bins[i] == 0) h[0] += (uint32_t)m;
+                continue;
+            }
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            const uint32_t bin = (uint32_t)bins[i];
+            /* about 1% of entries fall in the bin: offsets from the bin start, computed
+               vectorised; an entry is in the bin iff its offset is below 2^16 */
+            for (int j = 0; j < m; j++) u[j] = (float_to_bits(t[j]) & 0x7FFFFFFFu) - (bin << 16);
+            for (int j = 0; j < m; j++)
+                if (u[j] < TM_LOW_BINS) h[u[j]]++;
+        }
+    }
+}
+
+/*
+ * Histograms per segment (uint32, `per_segment` = NULL: summed into `out` as uint64 and freed).
+ * bins == NULL: the high-bits histogram, else the low bits within bins[i].
+ */
+static int histogram(const tm_args *a, uint32_t which, const int32_t *bins, uint64_t *out, uint32_t **per_segment) {
+    const int n = a->n_experts;
+    const size_t nbins = bins ? TM_LOW_BINS : TM_HIGH_BINS;
+    const size_t size = (size_t)n * nbins;
+    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    memset(out, 0, size * sizeof(uint64_t));
+    if (a->numel == 0 || which == 0) return TM_OK;
+    int failed = 0;
+#pragma omp parallel num_threads(thread_count(a, segments))
+    {
+        float *scratch = malloc(scratch_floats() * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t s = 0; s < segments; s++) {
+            uint32_t *local = calloc(size, sizeof(uint32_t));
+            if (!local || !scratch) {
+                free(local);
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            int64_t start, end;
+            segment_range(a->numel, segments, s, &start, &end);
+            if (bins)
+                tm_hist_low_range(a, start, end, which, bins, scratch, local);
+            else
+                tm_hist_high_range(a, start, end, which, scratch, local);
+#pragma omp critical(tm_hist_flush)
+            for (size_t k = 0; k < size; k++) out[k] += local[k];
+            if (per_segment)
+                per_segment[s] = local;
+            else
+                free(local);
+        }
+        free(scratch);
+    }
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
+/* hist: n_experts × 32768 uint64 (bins of |τ| bits >> 16). */
+int tm_hist_high(const tm_args *a, uint32_t which, uint64_t *hist) {
+    int rc = check_args(a);
+    return rc ? rc : histogram(a, which, NULL, hist, NULL);
+}
+
+/* hist: n_experts × 65536 uint64 (|τ| & 0xFFFF among entries in high bin bins[i]). */
+int tm_hist_low(const tm_args *a, uint32_t which, const int32_t *bins, uint64_t *hist) {
+    int rc = check_args(a);
+    return rc ? rc : histogram(a, which, bins, hist, NULL);
+}
+
+/* Largest bin b with count(bin >= b) >= k; *rest = k − count(bin > b). k must be in [1, total]. */
+static int find_bin(const uint64_t *h, int nbins, int64_t k, int *bin, int64_t *rest) {
+    uint64_t above = 0;
+    for (int b = nbins - 1; b >= 0; b--) {
+        if (above + h[b] >= (uint64_t)k) {
+            *bin = b;
+            *rest = k - (int64_t)above;
+            return TM_OK;
+        }
+        above += h[b];
+    }
+    return TM_ERANGE;
+}
+
+/* Tensors up to this size take a quickselect instead of the histograms (whose 3 MiB of bins
+   would cost more than the data). */
+#define TM_SMALL_SELECT ((int64_t)1 << 17)
+
+/* The k-th largest (1-based) of v[0..n) by 3-way quickselect on the bit patterns (non-negative
+   floats order like their uint32 bits); v is permuted. */
+static uint32_t kth_largest_bits(uint32_t *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, target = k - 1;
+    while (lo < hi) {
+        uint32_t x = v[lo], y = v[lo + (hi - lo) / 2], z = v[hi]; /* median of three */
+        uint32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t lt = lo, i = lo, gt = hi; /* [lo, lt) > pivot, [lt, i) == pivot, (gt, hi] < pivot */
+        while (i <= gt) {
+            uint32_t value = v[i];
+            if (value > pivot) {
+                v[i++] = v[lt];
+                v[lt++] = value;
+            } else if (value < pivot) {
+                v[i] = v[gt];
+                v[gt--] = value;
+            } else {
+                i++;
+            }
+        }
+        if (target < lt)
+            hi = lt - 1;
+        else if (target > gt)
+            lo = gt + 1;
+        else
+            return pivot;
+    }
+    return v[lo];
+}
+
+static int topk_select_small(const tm_args *a, uint32_t which, const int64_t *k, float *threshold, int64_t *greater,
+                             int64_t *tied, int64_t *seg_ties) {
+    const int64_t numel = a->numel;
+    uint32_t *v = malloc((size_t)numel * sizeof(uint32_t));
+    float *scratch = malloc(scratch_floats() * sizeof(float));
+    if (!v || !scratch) {
+        free(v);
+        free(scratch);
+        return TM_ENOMEM;
+    }
+    float *b = scratch, *t = scratch + TM_BLOCK;
+    for (int i = 0; i < a->n_experts; i++) {
+        if (seg_ties) seg_ties[i] = 0;
+        if (!((which >> i) & 1u)) continue;
+        for (int64_t s = 0; s < numel; s += TM_BLOCK) {
+            const int m = block_len(s, numel);
+            if (a->keep_mode[i] == KEEP_NONE) {
+                for (int j = 0; j < m; j++) v[s + j] = 0;
+                continue;
+            }
+            if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            for (int j = 0; j < m; j++) v[s + j] = float_to_bits(t[j]) & 0x7FFFFFFFu;
+        }
+        const uint32_t thr = kth_largest_bits(v, numel, k[i]);
+        int64_t above = 0, equal = 0;
+        for (int64_t j = 0; j < numel; j++) {
+            above += v[j] > thr;
+            equal += v[j] == thr;
+        }
+        threshold[i] = bits_to_float(thr);
+        greater[i] = above;
+        tied[i] = equal;
+        if (seg_ties) seg_ties[i] = equal; /* one segment */
+    }
+    free(v);
+    free(scratch);
+    return TM_OK;
+}
+
+/*
+ * Exact k[i]-th largest |τ| for each expert in `which` (the answer of ops/select.kth_largest),
+ * with the number of entries strictly greater and equal to it, and (seg_ties, may be NULL) the
+ * number equal to it in each segment: tm_segment_count(numel, n_threads) × n_experts entries,
+ * which tm_merge uses to keep the lowest-index ties without another read.
+ */
+int tm_topk_select(const tm_args *a, uint32_t which, const int64_t *k, float *threshold, int64_t *greater,
+                   int64_t *tied, int64_t *seg_ties) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    for (int i = 0; i < n; i++)
+        if (((which >> i) & 1u) && (k[i] < 1 || k[i] > a->numel)) return TM_ERANGE;
+    if (segments == 1 && a->numel <= TM_SMALL_SELECT) return topk_select_small(a, which, k, threshold, greater, tied, seg_ties);
+    uint64_t *high = malloc((size_t)n * TM_HIGH_BINS * sizeof(uint64_t));
+    uint64_t *low = malloc((size_t)n * TM_LOW_BINS * sizeof(uint64_t));
+    uint32_t **per_segment = calloc((size_t)segments, sizeof(uint32_t *));
+    int32_t bins[TM_MAX_EXPERTS] = {0};
+    int32_t los[TM_MAX_EXPERTS] = {0};
+    int64_t rest[TM_MAX_EXPERTS] = {0};
+    rc = high && low && per_segment ? TM_OK : TM_ENOMEM;
+    if (rc == TM_OK) rc = histogram(a, which, NULL, high, NULL);
+    for (int i = 0; i < n && rc == TM_OK; i++)
+        if ((which >> i) & 1u) {
+            int b = 0;
+            rc = find_bin(high + (size_t)i * TM_HIGH_BINS, TM_HIGH_BINS, k[i], &b, &rest[i]);
+            bins[i] = b;
+        }
+    if (rc == TM_OK) rc = histogram(a, which, bins, low, per_segment);
+    for (int i = 0; i < n && rc == TM_OK; i++) {
+        if (!((which >> i) & 1u)) continue;
+        const uint64_t *h = high + (size_t)i * TM_HIGH_BINS, *l = low + (size_t)i * TM_LOW_BINS;
+        int lo = 0;
+        int64_t r;
+        rc = find_bin(l, TM_LOW_BINS, rest[i], &lo, &r);
+        if (rc) break;
+        uint64_t above = 0;
+        for (int b = bins[i] + 1; b < TM_HIGH_BINS; b++) above += h[b];
+        for (int b = lo + 1; b < TM_LOW_BINS; b++) above += l[b];
+        threshold[i] = bits_to_float(((uint32_t)bins[i] << 16) | (uint32_t)lo);
+        greater[i] = (int64_t)above;
+        tied[i] = (int64_t)l[lo];
+        los[i] = lo;
+    }
+    if (rc == TM_OK && seg_ties)
+        for (int32_t s = 0; s < segments; s++)
+            for (int i = 0; i < n; i++)
+                seg_ties[(size_t)s * n + i] =
+                    ((which >> i) & 1u) && per_segment[s] ? per_segment[s][(size_t)i * TM_LOW_BINS + los[i]] : 0;
+    if (per_segment)
+        for (int32_t s = 0; s < segments; s++) free(per_segment[s]);
+    free(per_segment);
+    free(high);
+    free(low);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Keep rules, shared by the merge and the L1-norm pre-pass                                    */
+
+/*
+ * Zero the entries of t that expert i drops. KEEP_TOPK: *budget is how many more entries equal
+ * to the threshold this segment keeps (-1: all of them), consumed in flat order.
+ */
+static inline void apply_keep(const tm_args *a, int i, int64_t index0, int m, int64_t *budget, float *restrict t) {
+    const float thr = a->threshold[i];
+    switch (a->keep_mode[i]) {
+    case KEEP_THRESHOLD:
+        for (int j = 0; j < m; j++) t[j] = fabsf(t[j]) >= thr ? t[j] : 0.0f;
+        break;
+    case KEEP_TOPK: {
+        int64_t left = *budget;
+        if (left > 0) {
+            int64_t here = 0;
+            for (int j = 0; j < m; j++) here += fabsf(t[j]) == thr;
+            if (here <= left) { /* every tie in this block is kept */
+                *budget = left - here;
+                left = -1;
+            }
+        }
+        if (left < 0) {
+            for (int j = 0; j < m; j++) t[j] = fabsf(t[j]) >= thr ? t[j] : 0.0f;
+        } else if (left == 0) {
+            for (int j = 0; j < m; j++) t[j] = fabsf(t[j]) > thr ? t[j] : 0.0f;
+        } else { /* the block where the budget runs out: lowest flat index first */
+            for (int j = 0; j < m; j++) {
+                float v = fabsf(t[j]);
+                int keep = v > thr;
+                if (v == thr && left > 0) {
+                    keep = 1;
+                    left--;
+                }
+                t[j] = keep ? t[j] : 0.0f;
+            }
+            *budget = left;
+        }
+        break;
+    }
+    case KEEP_RANDOM: {
+        const float p = a->keep_prob[i];
+        const uint32_t k0 = a->key0[i], k1 = a->key1[i];
+        uint64_t first = (uint64_t)index0, last = first + (uint64_t)(m - 1);
+        if ((first >> 32) == (last >> 32)) { /* common case: the high word is constant */
+            const uint32_t lo0 = (uint32_t)first;
+            const uint32_t hi_part = (uint32_t)(first >> 32) * 0x85EBCA6Bu + k1;
+            for (int j = 0; j < m; j++) {
+                uint32_t h = fmix32((lo0 + (uint32_t)j) * 0x9E3779B1u + k0);
+                h = fmix32(h ^ hi_part);
+                t[j] = hash_uniform(h) < p ? t[j] : 0.0f;
+            }
+        } else {
+            for (int j = 0; j < m; j++) t[j] = hash_uniform(hash_index(first + (uint64_t)j, k0, k1)) < p ? t[j] : 0.0f;
+        }
+        break;
+    }
+    default: /* KEEP_ALL */
+        break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The fused merge                                                                            */
+
+TM_HOT void tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch) {
+    const int n = a->n_experts;
+    float *restrict b = scratch;
+    float *restrict acc = b + TM_BLOCK;
+    float *restrict div = acc + TM_BLOCK;
+    float *restrict total = div + TM_BLOCK;
+    float *restrict taus = total + TM_BLOCK;
+    const int need_base = a->subtract_base || a->add_base;
+
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        if (need_base) load_block(a->base, a->base_dtype, s, m, b);
+
+        /* wᵢ·rescale(mask(τᵢ)), in the reference's order of float32 operations */
+        for (int i = 0; i < n; i++) {
+            if (a->keep_mode[i] == KEEP_NONE) continue;
+            float *restrict t = taus + (size_t)i * TM_BLOCK;
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            apply_keep(a, i, a->offset + s, m, &budget[i], t);
+            const float r = a->rescale_value[i], w = a->weight[i];
+            if (a->rescale_mode[i] == RESCALE_DIVIDE)
+                for (int j = 0; j < m; j++) t[j] = t[j] / r;
+            else if (a->rescale_mode[i] == RESCALE_MULTIPLY)
+                for (int j = 0; j < m; j++) t[j] = t[j] * r;
+            for (int j = 0; j < m; j++) t[j] = t[j] * w;
+        }
+
+        for (int j = 0; j < m; j++) acc[j] = 0.0f;
+        if (a->election != ELECT_NONE) {
+            for (int j = 0; j < m; j++) total[j] = 0.0f;
+            for (int i = 0; i < n; i++) {
+                if (a->keep_mode[i] == KEEP_NONE) continue; /* adds ±0: no effect */
+                const float *restrict t = taus + (size_t)i * TM_BLOCK;
+                if (a->election == ELECT_SUM)
+                    for (int j = 0; j < m; j++) total[j] += t[j];
+                else
+                    for (int j = 0; j < m; j++) total[j] += (float)((t[j] > 0.0f) - (t[j] < 0.0f));
+            }
+            /* agreeing entries: sign(wτ) equals the elected sign (+1 where total >= 0) */
+            for (int j = 0; j < m; j++) div[j] = 0.0f;
+            for (int i = 0; i < n; i++) {
+                if (a->keep_mode[i] == KEEP_NONE) continue; /* sign 0 never agrees */
+                const float *restrict t = taus + (size_t)i * TM_BLOCK;
+                const float w = a->divide == DIV_COUNT ? 1.0f : a->weight[i];
+                for (int j = 0; j < m; j++) {
+                    const float v = t[j];
+                    const int agree = total[j] >= 0.0f ? v > 0.0f : v < 0.0f;
+                    acc[j] += agree ? v : 0.0f;
+                    div[j] += agree ? w : 0.0f;
+                }
+            }
+            if (a->divide == DIV_WEIGHT || a->divide == DIV_COUNT)
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / (div[j] == 0.0f ? 1.0f : div[j]);
+        } else {
+            for (int i = 0; i < n; i++) {
+                if (a->keep_mode[i] == KEEP_NONE) continue;
+                const float *restrict t = taus + (size_t)i * TM_BLOCK;
+                for (int j = 0; j < m; j++) acc[j] += t[j];
+            }
+            if (a->divide == DIV_WEIGHT) { /* Σw over every expert, float32, in order */
+                const float d = fabsf(wsum) < 1e-8f ? 1.0f : wsum;
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / d;
+            } else if (a->divide == DIV_COUNT) {
+                for (int j = 0; j < m; j++) div[j] = 0.0f;
+                for (int i = 0; i < n; i++) {
+                    if (a->keep_mode[i] == KEEP_NONE) continue;
+                    const float *restrict t = taus + (size_t)i * TM_BLOCK;
+                    for (int j = 0; j < m; j++) div[j] += t[j] != 0.0f ? 1.0f : 0.0f;
+                }
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / (div[j] == 0.0f ? 1.0f : div[j]);
+            } else if (a->divide == DIV_CONSTANT) {
+                const float d = a->divide_constant;
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / d;
+            }
+        }
+        if (a->add_base) {
+            const float lam = a->lambda;
+            for (int j = 0; j < m; j++) acc[j] = b[j] + lam * acc[j];
+        }
+        store_block(a->out, a->out_dtype, s, m, acc);
+    }
+}
+
+/* Entries with |τ| == threshold per expert in `which`, in [start, end). */
+TM_HOT void tm_count_ties_range(const tm_args *a, int64_t start, int64_t end, uint32_t which, float *scratch,
+                                int64_t *counts) {
+    float *b = scratch, *t = scratch + TM_BLOCK;
+    for (int i = 0; i < a->n_experts; i++) counts[i] = 0;
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < a->n_experts; i++) {
+            if (!((which >> i) & 1u)) continue;
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            const float thr = a->threshold[i];
+            int64_t c = 0;
+            for (int j = 0; j < m; j++) c += fabsf(t[j]) == thr;
+            counts[i] += c;
+        }
+    }
+}
+
+/*
+ * Per (segment, expert) how many entries equal to the threshold the segment keeps, -1 for all:
+ * the `need` lowest-index ties of the tensor, split over segments in flat order. The counts per
+ * segment come from tm_topk_select (a->seg_ties) or, without them, from one more read.
+ */
+static int segment_budgets(const tm_args *a, int32_t segments, int64_t *budgets) {
+    const int n = a->n_experts;
+    uint32_t partial = 0;
+    for (int i = 0; i < n; i++)
+        if (a->keep_mode[i] == KEEP_TOPK && a->need[i] > 0 && a->need[i] < a->tied[i]) partial |= 1u << i;
+    for (size_t q = 0; q < (size_t)segments * n; q++) budgets[q] = -1;
+    if (!partial) {
+        for (int i = 0; i < n; i++)
+            if (a->keep_mode[i] == KEEP_TOPK && a->need[i] <= 0)
+                for (int32_t s = 0; s < segments; s++) budgets[(size_t)s * n + i] = 0;
+        return TM_OK;
+    }
+    int64_t *ties = malloc((size_t)segments * n * sizeof(int64_t));
+    if (!ties) return TM_ENOMEM;
+    int failed = 0;
+    if (a->seg_ties) {
+        memcpy(ties, a->seg_ties, (size_t)segments * n * sizeof(int64_t));
+    } else {
+#pragma omp parallel num_threads(thread_count(a, segments))
+        {
+            float *scratch = malloc(scratch_floats() * sizeof(float));
+            if (!scratch) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int32_t s = 0; s < segments; s++) {
+                if (!scratch) continue;
+                int64_t start, end;
+                segment_range(a->numel, segments, s, &start, &end);
+                tm_count_ties_range(a, start, end, partial, scratch, ties + (size_t)s * n);
+            }
+            free(scratch);
+        }
+    }
+    for (int i = 0; i < n && !failed; i++) {
+        if (a->keep_mode[i] != KEEP_TOPK) continue;
+        int64_t left = a->need[i] > 0 ? a->need[i] : 0;
+        for (int32_t s = 0; s < segments; s++) {
+            if (!((partial >> i) & 1u)) {
+                budgets[(size_t)s * n + i] = left > 0 ? -1 : 0;
+                continue;
+            }
+            int64_t here = ties[(size_t)s * n + i];
+            int64_t take = here < left ? here : left;
+            left -= take;
+            budgets[(size_t)s * n + i] = take == here ? -1 : take;
+        }
+    }
+    free(ties);
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
+/*
+ * out = base + λ · combine(wᵢ · rescale(mask(τᵢ))) in one pass over base and the experts.
+ * Exact top-k experts (KEEP_TOPK) need threshold/need/tied (and ideally seg_ties) from
+ * tm_topk_select, called with the same numel and n_threads.
+ */
+int tm_merge(const tm_args *a) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    if (!valid_dtype(a->out_dtype)) return TM_EINVAL;
+    if (a->numel == 0) return TM_OK;
+    const int n = a->n_experts;
+    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    if (a->seg_ties && a->n_segments != segments) return TM_EINVAL;
+    int64_t *budgets = malloc((size_t)segments * (n > 0 ? n : 1) * sizeof(int64_t));
+    if (!budgets) return TM_ENOMEM;
+    rc = segment_budgets(a, segments, budgets);
+    if (rc) {
+        free(budgets);
+        return rc;
+    }
+    float wsum = 0.0f; /* the reference's `divisor += w`, one expert at a time in float32 */
+    for (int i = 0; i < n; i++) wsum += a->weight[i];
+    int failed = 0;
+#pragma omp parallel num_threads(thread_count(a, segments))
+    {
+        float *scratch = malloc(scratch_floats() * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t s = 0; s < segments; s++) {
+            if (!scratch) continue;
+            int64_t start, end;
+            segment_range(a->numel, segments, s, &start, &end);
+            tm_merge_range(a, start, end, budgets + (size_t)s * n, wsum, scratch);
+        }
+        free(scratch);
+    }
+    free(budgets);
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* L1 norms for rescale="l1": Σ|τᵢ| and Σ|kept τᵢ| per expert, in float64                      */
+
+TM_HOT void tm_abs_sums_range(const tm_args *a, int64_t start, int64_t end, float *scratch, double *sums) {
+    const int n = a->n_experts;
+    float *b = scratch, *t = scratch + TM_BLOCK, *kept = scratch + 2 * TM_BLOCK;
+    for (int i = 0; i < 2 * n; i++) sums[i] = 0.0;
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < n; i++) {
+            if (a->keep_mode[i] == KEEP_NONE) continue;
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            memcpy(kept, t, (size_t)m * sizeof(float));
+            /* KEEP_TOPK: strictly greater here; tm_abs_sums adds need·threshold for the ties */
+            int64_t budget = a->keep_mode[i] == KEEP_TOPK ? 0 : -1;
+            apply_keep(a, i, a->offset + s, m, &budget, kept);
+            double before = 0.0, after = 0.0;
+            for (int j = 0; j < m; j++) {
+                before += fabs((double)t[j]);
+                after += fabs((double)kept[j]);
+            }
+            sums[2 * i] += before;
+            sums[2 * i + 1] += after;
+        }
+    }
+}
+
+/* before[i] = Σ|τᵢ|, after[i] = Σ|τᵢ| over kept entries; summed per chunk, then chunks in order
+   (the same result for any thread count). */
+int tm_abs_sums(const tm_args *a, double *before, double *after) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    for (int i = 0; i < n; i++) before[i] = after[i] = 0.0;
+    if (a->numel == 0) return TM_OK;
+    const int64_t chunks = (a->numel + TM_CHUNK - 1) / TM_CHUNK;
+    double *sums = malloc((size_t)chunks * 2 * (n > 0 ? n : 1) * sizeof(double));
+    if (!sums) return TM_ENOMEM;
+    int failed = 0;
+    int nt = a->n_threads > 0 ? a->n_threads : 1;
+    if (nt > chunks) nt = (int)chunks;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = malloc(scratch_floats() * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++) {
+            if (!scratch) continue;
+            int64_t start = c * TM_CHUNK, end = start + TM_CHUNK < a->numel ? start + TM_CHUNK : a->numel;
+            tm_abs_sums_range(a, start, end, scratch, sums + c * 2 * n);
+        }
+        free(scratch);
+    }
+    if (!failed)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int i = 0; i < n; i++) {
+                before[i] += sums[c * 2 * n + 2 * i];
+                after[i] += sums[c * 2 * n + 2 * i + 1];
+            }
+    for (int i = 0; i < n; i++)
+        if (a->keep_mode[i] == KEEP_TOPK && a->need[i] > 0) after[i] += (double)a->need[i] * (double)a->threshold[i];
+    free(sums);
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Input validation: NaN/Inf count in one read (torch.isfinite(t).all() costs ~6 passes)       */
+
+TM_HOT int64_t tm_count_nonfinite_range(const void *p, int32_t dtype, int64_t start, int64_t end) {
+    int64_t count = 0;
+    if (dtype == TM_F32) {
+        const uint32_t *restrict x = (const uint32_t *)p;
+        for (int64_t j = start; j < end; j++) count += (x[j] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *restrict x = (const uint16_t *)p;
+        const uint16_t exponent = dtype == TM_BF16 ? 0x7F80u : 0x7C00u;
+        for (int64_t j = start; j < end; j++) count += (x[j] & exponent) == exponent;
+    }
+    return count;
+}
+
+/* Number of NaN and ±Inf entries of a float32/bfloat16/float16 array; -1 for a bad dtype. */
+int64_t tm_count_nonfinite(const void *p, int64_t numel, int32_t dtype, int32_t threads) {
+    if (!valid_dtype(dtype) || numel < 0) return -1;
+    const int64_t chunks = (numel + TM_CHUNK - 1) / TM_CHUNK;
+    int nt = threads > 0 ? threads : 1;
+    if (nt > chunks) nt = chunks > 0 ? (int)chunks : 1;
+    int64_t count = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : count)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t start = c * TM_CHUNK, end = start + TM_CHUNK < numel ? start + TM_CHUNK : numel;
+        count += tm_count_nonfinite_range(p, dtype, start, end);
+    }
+    return count;
+}

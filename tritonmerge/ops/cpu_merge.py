@@ -1,0 +1,263 @@
+"""The "cpu" backend of the task-arithmetic family: the fused C loops of ops/cpu_kernels.py.
+
+One tensor costs one read of base + N experts for the merge itself, plus, for exact per-tensor
+top-k (TIES/magnitude, ``topk_scope="tensor"``), two histogram reads that find each expert's
+threshold (radix select on the float32 bits, ops/select's tie rule), and for ``rescale="l1"`` one
+more read for the norms. Task vectors are never materialised and no N-way stack is built.
+
+Results equal the torch reference (methods/task_arithmetic.merge_family / merge_linear) bit for
+bit: same float32 operations in the same order, then the same rounding to the base's dtype. The
+one exception is ``rescale="l1"``, whose float64 norms are summed in a different order (the
+scale factor can differ in its last float32 bit).
+
+Not covered (the torch reference runs instead): breadcrumbs and DELLA sparsification, more than
+16 experts, non-CPU tensors, float64 tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..context import TensorContext
+from ..errors import ParameterError
+from ..params import per_expert
+from . import cpu_kernels as ck
+from .rng import stream_keys
+from .select import keep_count
+from .sparsify import expert_densities
+
+SUPPORTED_SPARSIFY = (None, "magnitude", "random")
+_DIVIDE = {"none": ck.DIV_NONE, "weight": ck.DIV_WEIGHT, "count": ck.DIV_COUNT}
+_ELECT = {None: ck.ELECT_NONE, "sum": ck.ELECT_SUM, "count": ck.ELECT_COUNT}
+
+# Members of methods/task_arithmetic.py and their Family(sparsify, consensus); "linear" is separate.
+FAMILY_MEMBERS = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "magnitude": ("magnitude", False),
+    "dare_linear": ("random", False),
+    "dare_ties": ("random", True),
+    "breadcrumbs": ("breadcrumbs", False),
+    "breadcrumbs_ties": ("breadcrumbs", True),
+    "della": ("della", True),
+    "della_linear": ("della", False),
+}
+
+
+def _tensor_reasons(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[str]:
+    reasons = []
+    devices = {t.device.type for t in (base, *experts)}
+    if devices != {"cpu"}:
+        reasons.append(f"the fused CPU kernels take CPU tensors, got {', '.join(sorted(devices))}")
+    dtypes = {t.dtype for t in (base, *experts)} - set(ck.DTYPE_CODES)
+    if dtypes:
+        reasons.append(f"the fused CPU kernels take float32/bfloat16/float16, got {', '.join(map(str, dtypes))}")
+    if len(experts) > ck.MAX_EXPERTS:
+        reasons.append(f"the fused CPU kernels take at most {ck.MAX_EXPERTS} experts, got {len(experts)}")
+    if (why := ck.status()) is not None:
+        reasons.append(why)
+    return reasons
+
+
+def gta_cpu_supports(params: Any, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext, family) -> list[str]:
+    """Reasons the fused CPU path cannot merge this call ([] when it can)."""
+    reasons = _tensor_reasons(base, experts)
+    if family.sparsify not in SUPPORTED_SPARSIFY:
+        reasons.append(f"{family.sparsify} sparsification is not implemented in the fused CPU kernels")
+    return reasons
+
+
+def linear_cpu_supports(params: Any, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext) -> list[str]:
+    """Reasons the fused CPU path cannot run ``linear`` for this call ([] when it can)."""
+    return _tensor_reasons(base, experts)
+
+
+def _is_base(expert: torch.Tensor, base: torch.Tensor) -> bool:
+    """True when the expert is the base itself (api.merge_one's substitute for a pruned LwPTV
+    layer): its task vector is exactly zero and need not be read."""
+    return expert is base or (
+        expert.data_ptr() == base.data_ptr()
+        and expert.dtype == base.dtype
+        and expert.shape == base.shape
+        and expert.stride() == base.stride()
+    )
+
+
+def gta_cpu(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx: TensorContext, family, method_name: str
+) -> torch.Tensor:
+    """``merge_family`` on the fused CPU loops; returns the merged tensor in base's dtype."""
+    from ..methods.task_arithmetic import divisor_rule  # late: that module imports this one
+
+    n = len(experts)
+    numel = base.numel()
+    weights = per_expert(p.weight, n, "weight")
+    a, alive = ck.make_args(
+        base, [None if _is_base(e, base) else e for e in experts], numel=numel, offset=ctx.element_offset
+    )
+    out = torch.empty(base.shape, dtype=base.dtype)
+    a.out = out.data_ptr()
+    a.out_dtype = ck.DTYPE_CODES[base.dtype]
+    a.add_base = 1
+    a.lambda_ = p.lambda_
+    for i, w in enumerate(weights):
+        a.weight[i] = w
+    a.election = _ELECT[p.consensus if family.consensus else None]
+    a.divide = _DIVIDE[divisor_rule(p, family)]
+
+    if family.sparsify is not None and numel > 0:
+        _set_keep_rules(a, p, ctx, family, n, numel)
+    ck.merge(a)
+    del alive
+    return out
+
+
+def _set_keep_rules(a: ck.Args, p: Any, ctx: TensorContext, family, n: int, numel: int) -> None:
+    """Per-expert mask and rescale, following task_arithmetic.sparsify_task_vector."""
+    densities = expert_densities(p.density, ctx, n)
+    thresholds = ctx.decisions.threshold
+    topk: dict[int, int] = {}
+    l1 = []
+    for i, d in enumerate(densities):
+        if a.keep_mode[i] == ck.KEEP_NONE:
+            continue
+        if family.sparsify == "magnitude" and thresholds is not None:
+            a.keep_mode[i] = ck.KEEP_THRESHOLD
+            a.threshold[i] = thresholds[i]
+        elif d >= 1.0:
+            continue  # the task vector as it is: no mask, no rescale
+        elif family.sparsify == "magnitude":
+            k = keep_count(d, numel)
+            if k < numel:
+                a.keep_mode[i] = ck.KEEP_TOPK
+                topk[i] = k
+        else:  # random (DARE)
+            a.keep_mode[i] = ck.KEEP_RANDOM
+            a.keep_prob[i] = d
+            a.key0[i], a.key1[i] = stream_keys(p.seed, ctx.name, i)
+        if p.rescale == "keep_prob":
+            a.rescale_mode[i] = ck.RESCALE_DIVIDE
+            a.rescale_value[i] = d
+        elif p.rescale == "l1":
+            l1.append(i)
+    if topk:
+        thr, greater, tied = ck.topk_select(a, list(topk), [topk.get(i, 0) for i in range(n)])
+        for i, k in topk.items():
+            a.threshold[i] = thr[i]
+            a.need[i] = k - greater[i]
+            a.tied[i] = tied[i]
+    if l1:
+        before, after = ck.abs_sums(a)
+        for i in l1:
+            if before[i] >= 1e-7 and after[i] >= 1e-7:  # mergekit's guard, as sparsify.rescale
+                a.rescale_mode[i] = ck.RESCALE_MULTIPLY
+                a.rescale_value[i] = before[i] / after[i]
+
+
+def linear_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx: TensorContext) -> torch.Tensor:
+    """``merge_linear`` on the fused CPU loops: Σᵢ wᵢ·expertᵢ (/ Σᵢ wᵢ), in base's dtype."""
+    weights = per_expert(p.weight, len(experts), "weight")
+    a, alive = ck.make_args(None, experts, numel=base.numel(), subtract_base=False)
+    out = torch.empty(base.shape, dtype=base.dtype)
+    a.out = out.data_ptr()
+    a.out_dtype = ck.DTYPE_CODES[base.dtype]
+    for i, w in enumerate(weights):
+        a.weight[i] = w
+    if p.normalize:
+        denominator = sum(weights)
+        if abs(denominator) < 1e-8:
+            raise ParameterError(f"linear: the weights sum to {denominator}; cannot normalise (set normalize=false)")
+        a.divide = ck.DIV_CONSTANT
+        a.divide_constant = denominator
+    if base.numel() > 0:
+        ck.merge(a)
+    del alive
+    return out
+
+
+def _tau_bits(base: torch.Tensor, expert: torch.Tensor | None) -> torch.Tensor:
+    """int32 bit patterns of |τ| (float32), on the tensors' device; zeros for a pruned expert."""
+    if expert is None:
+        return torch.zeros(base.numel(), dtype=torch.int32, device=base.device)
+    tau = expert.to(torch.float32) - base.to(torch.float32)
+    return tau.abs().contiguous().view(torch.int32).flatten()
+
+
+def _fast(base: torch.Tensor, experts: Sequence[torch.Tensor | None]) -> bool:
+    tensors = [base, *(e for e in experts if e is not None)]
+    return (
+        ck.status() is None
+        and len(experts) <= ck.MAX_EXPERTS
+        and all(t.device.type == "cpu" and t.dtype in ck.DTYPE_CODES for t in tensors)
+    )
+
+
+def model_thresholds_cpu(
+    tensors: Callable[[], Iterable[tuple[torch.Tensor, Sequence[torch.Tensor | None]]]],
+    keep_counts: Sequence[int],
+) -> list[float]:
+    """ops.select.model_thresholds for TIES ``topk_scope="model"``, from (base, experts) pairs:
+    per expert the keep_counts[i]-th largest |τᵢ| over every tensor (entries >= it are kept).
+
+    ``tensors()`` yields (base, [expertᵢ or None]) tensor after tensor and is called twice; None
+    is a zero task vector (an LwPTV-pruned layer, counted as zeros like the reference). Each
+    pass reads base and experts once through the fused histograms (torch bincount for tensors
+    the C loops do not take); τ is never materialised."""
+    n = len(keep_counts)
+    high = torch.zeros((n, ck.HIGH_BINS), dtype=torch.int64)
+    for base, experts in tensors():
+        if _fast(base, experts):
+            high += ck.hist_high(base, list(experts))
+        else:
+            for i, e in enumerate(experts):
+                high[i] += torch.bincount(_tau_bits(base, e) >> 16, minlength=ck.HIGH_BINS).cpu()
+    bins, remaining = [], []
+    for i in range(n):
+        above = torch.flip(torch.cumsum(torch.flip(high[i], [0]), 0), [0])
+        total, k = int(above[0]), keep_counts[i]
+        if not 1 <= k <= total:
+            raise ValueError(f"expert {i}: keep count {k} out of range for {total} elements")
+        b = int(torch.nonzero(above >= k).max())
+        bins.append(b)
+        remaining.append(k - (int(above[b + 1]) if b + 1 < ck.HIGH_BINS else 0))
+    low = torch.zeros((n, ck.LOW_BINS), dtype=torch.int64)
+    for base, experts in tensors():
+        if _fast(base, experts):
+            low += ck.hist_low(base, list(experts), bins)
+        else:
+            for i, e in enumerate(experts):
+                bits = _tau_bits(base, e)
+                low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=ck.LOW_BINS).cpu()
+    thresholds = []
+    for i in range(n):
+        low_above = torch.flip(torch.cumsum(torch.flip(low[i], [0]), 0), [0])
+        lo = int(torch.nonzero(low_above >= remaining[i]).max())
+        thresholds.append(float(torch.tensor([(bins[i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
+    return thresholds
+
+
+def register_cpu_impl(method, family) -> None:
+    """Register the "cpu" implementation on one task-arithmetic family member."""
+
+    def supports(params, base, experts, ctx, _family=family):
+        return gta_cpu_supports(params, base, experts, ctx, _family)
+
+    def run(base, experts, params, ctx, _family=family, _name=method.name):
+        return gta_cpu(base, experts, params, ctx, _family, _name)
+
+    method.register_impl("cpu", supports=supports)(run)
+
+
+def register_cpu_impls() -> None:
+    """Register the "cpu" backend on linear and every task-arithmetic family member (idempotent).
+    Called at the end of methods/task_arithmetic.py, once every member is registered."""
+    from ..methods.task_arithmetic import Family
+    from ..registry import _REGISTRY
+
+    if "linear" in _REGISTRY:
+        _REGISTRY["linear"].register_impl("cpu", supports=linear_cpu_supports)(linear_cpu)
+    for name, (sparsify, consensus) in FAMILY_MEMBERS.items():
+        if name in _REGISTRY:
+            register_cpu_impl(_REGISTRY[name], Family(sparsify, consensus))
