@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks import machine
 
 from tritonmerge.context import TensorContext
 from tritonmerge.methods.task_arithmetic import Family, merge_family
@@ -48,25 +48,8 @@ RESULTS: list[dict] = []
 _REFERENCE: dict[tuple, tuple[torch.Tensor, float]] = {}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> str:
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:
-        return "unknown"
+    return f"{machine.cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,13 +59,13 @@ def write_summary():
         return
     out_dir = Path(os.environ.get("TRITONMERGE_BENCH_RESULTS", Path(__file__).parent / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{_cpu_name()}-{torch.get_num_threads()}t".lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{machine.cpu_model()}-{torch.get_num_threads()}t".lower()).strip("-")
     summary = {
         "benchmark": "cpu_ties",
         "machine": _machine(),
         "torch": torch.__version__,
         "library": ck.build_info(),
-        "git": _git_sha(),
+        "git": machine.git_sha(),
         "load_average": os.getloadavg(),
         "experts": N_EXPERTS,
         "density": DENSITY,

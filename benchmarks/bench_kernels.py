@@ -28,11 +28,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks import machine
 
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("triton")
@@ -77,13 +78,6 @@ def _device_name() -> str:
     return f"cpu-interpreter-{platform.processor() or platform.machine()}"
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def kernels_ready():
     """The interpreter in CPU mode (kernels run on CPU tensors); nothing on a GPU."""
@@ -106,7 +100,7 @@ def write_summary(kernels_ready):
         "device": name,
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git": _git_sha(),
+        "git": machine.git_sha(),
         "copy_gbps": _COPY_GBPS.get("value"),
         "results": RESULTS,
     }

@@ -20,12 +20,13 @@ import json
 import os
 import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks import machine
 
 from tritonmerge.backends import extension_status
 from tritonmerge.ops import wudi_solve as W
@@ -67,13 +68,6 @@ def _device_name() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def write_summary():
     yield
@@ -89,7 +83,7 @@ def write_summary():
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "extension": "loaded" if ext is not None else why,
-        "git": _git_sha(),
+        "git": machine.git_sha(),
         "T": T,
         "steps": STEPS,
         "results": RESULTS,

@@ -82,3 +82,16 @@ def make_state_dicts(make_tensors: TensorFactory) -> StateDictFactory:
         return base_sd, expert_sds
 
     return make
+
+
+@pytest.fixture(scope="module")
+def device():
+    """Where Triton kernel tests run: the GPU when there is one, else the CPU under the Triton
+    interpreter (TRITON_INTERPRET=1 only inside the module that asks for this fixture)."""
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    from tritonmerge.testing import triton_interpreter
+
+    with triton_interpreter():
+        yield "cpu"

@@ -21,7 +21,7 @@ from tritonmerge.methods.task_arithmetic import Family, merge_family, merge_line
 from tritonmerge.ops import fused_merge as F
 from tritonmerge.ops.sparsify import bernoulli_mask
 from tritonmerge.registry import Implementation, get_method
-from tritonmerge.testing import assert_close_budget, make_inputs, make_tied_inputs, triton_interpreter
+from tritonmerge.testing import assert_close_budget, make_inputs, make_tied_inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAMILIES = {
@@ -36,13 +36,6 @@ FAMILIES = {
 NAME = "model.layers.3.mlp.down_proj.weight"
 
 
-@pytest.fixture(scope="module")
-def device():
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    with triton_interpreter():
-        yield "cpu"
 
 
 def _run(method, params, base, experts, decisions=None, offset=0):

@@ -9,18 +9,11 @@ import torch
 pytest.importorskip("triton")
 
 from tritonmerge.ops import select as ref
-from tritonmerge.testing import make_inputs, make_tied_inputs, triton_interpreter
+from tritonmerge.testing import make_inputs, make_tied_inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def device():
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    with triton_interpreter():
-        yield "cpu"
 
 
 def _ks(numel: int, n: int) -> list[int]:

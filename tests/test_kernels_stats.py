@@ -12,19 +12,12 @@ pytest.importorskip("triton")
 
 from tritonmerge.ops.select import HIGH_BINS
 from tritonmerge.ops.stats import task_vector_stats_reference
-from tritonmerge.testing import FLOORS, make_inputs, make_tied_inputs, triton_interpreter
+from tritonmerge.testing import FLOORS, make_inputs, make_tied_inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POWERS = {1: 1, 2: 2, 3: 1, 5: 3, 6: 4}  # stats column -> power p of its terms (Σx, Σx², Σ|x|, Σx³, Σx⁴)
 
 
-@pytest.fixture(scope="module")
-def device():
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    with triton_interpreter():
-        yield "cpu"
 
 
 def _check_stats(got: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
