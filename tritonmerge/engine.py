@@ -470,7 +470,7 @@ class StreamingSource:
         if i is not None and i + 1 < len(self.names):
             nxt = self.names[i + 1]
             self._ahead = (nxt, self._pool.submit(self._read, nxt))
-        return _to_device(self._plan, base, experts, self._device)
+        return _to_device(self._plan, base, experts, self._device, self._plan.out_entries[name].dtype)
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -487,9 +487,15 @@ def _read_unit(plan: MergePlan, reader: TensorReader, unit: WorkUnit) -> tuple[t
     return base, experts
 
 
-def _to_device(plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _to_device(
+    plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], device: torch.device, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     dt = plan.config.dtype
     nb = device.type == "cuda"
+    if dt == torch.float32 and out_dtype is not None and all(t.dtype == out_dtype for t in (base, *experts)):
+        # Every method computes in float32 and returns base's dtype: upcasting bf16/fp16 inputs
+        # first would only cost a pass and memory for the same single rounding at the end.
+        dt = None
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if t.device != device:
@@ -625,7 +631,7 @@ def _merge_pass(
     ok = False
     try:
         for unit, (base, experts) in prefetch:
-            base, experts = _to_device(plan, base, experts, device)
+            base, experts = _to_device(plan, base, experts, device, plan.out_entries[unit.name].dtype)
             row_numel = 1
             for s in plan.base.tensors[unit.name].shape[1:]:
                 row_numel *= s

