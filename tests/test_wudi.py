@@ -287,3 +287,18 @@ def test_merge_on_cuda_uses_the_extension(make_state_dicts):
     )
     for k in out:
         torch.testing.assert_close(out[k].cpu(), cpu[k], rtol=0, atol=5e-8)
+
+
+def test_exact_solver_stays_bounded_on_low_rank_task_vectors():
+    """Two rank-1 task vectors make G rank 2 out of 48: float32 rounding noise along G's null
+    space must not be amplified (it once produced a merged vector 1000x larger than the inputs)."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=gen)
+    experts = [base + 1e-3 * torch.randn(64, 1, generator=gen) @ torch.randn(1, 48, generator=gen) for _ in range(2)]
+    name = "model.layers.0.mlp.up_proj.weight"
+    report = tritonmerge.MergeReport()
+    exact = tritonmerge.merge_tensors("wudi", base, experts, name=name, solver="exact", report=report)
+    adam = tritonmerge.merge_tensors("wudi", base, experts, name=name, report=(adam_report := tritonmerge.MergeReport()))
+    scale = sum(float((e - base).norm()) for e in experts)
+    assert float((exact - base).norm()) <= 2 * scale
+    assert report.tensors[name]["wudi_loss"] <= adam_report.tensors[name]["wudi_loss"] + 1e-12

@@ -47,6 +47,8 @@ import torch
 BETA1 = 0.9
 BETA2 = 0.999
 ADAM_EPS = 1e-8
+# eigenvalues of the float32-accumulated Gram below this fraction of the largest are noise
+EXACT_RCOND = 1e-6
 DEFAULT_RIDGE = 1e-6
 # float32's smallest normal number: a task vector whose squared norm is below it would get an
 # infinite weight in float32 (the official code would produce inf/NaN), so it counts as zero
@@ -311,26 +313,27 @@ class _GraphedAdam:
 # exact solve
 
 
-def exact_solve(problem: WudiProblem, *, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
-    """argmin of L + ε‖τ‖²: τ = B (G + εI)⁻¹ with ε = ridge · tr(G)/n = ridge · T_nonzero/n.
+def exact_solve(problem: WudiProblem, *, ridge: float = DEFAULT_RIDGE, rcond: float = EXACT_RCOND) -> torch.Tensor:
+    """argmin of L + ε‖τ‖² restricted to G's numerical range: τ = B V diag(1/(λ+ε)) Vᵀ over the
+    eigenpairs of G with λ > rcond·λ_max, ε = ridge · tr(G)/n = ridge · T_nonzero/n.
 
-    Solved in float64 by Cholesky (G is symmetric positive semi-definite), falling back to
-    least squares for layers whose factorisation fails (ridge 0 and a singular G)."""
+    G = Σ wᵢτᵢᵀτᵢ is rank-deficient whenever the task vectors are low-rank (few tasks, short
+    fine-tuning, LwPTV-pruned tasks). G and B are accumulated in float32, so G's tiny eigenvalues
+    are rounding noise and B has noise along them: a plain solve of (G + εI) divides that noise by
+    ~ε and the result explodes. The exact B G⁺ has no component there, so those directions are
+    cut (rcond ≈ float32's relative precision) and the rest solved in float64."""
     assert problem.G is not None, "exact_solve needs the Gram matrix (precompute(..., need_gram=True))"
     G = problem.G.to(torch.float64)
+    G = (G + G.transpose(1, 2)) / 2
     b, n, _ = G.shape
-    scale = problem.n_tasks.to(torch.float64) / n
-    eps = torch.where(problem.n_tasks > 0, ridge * scale, torch.ones_like(scale))
-    A = G + eps.view(b, 1, 1) * torch.eye(n, dtype=torch.float64, device=G.device)
-    rhs = problem.B.to(torch.float64).transpose(1, 2)  # (G + εI) τᵀ = Bᵀ
-    L, info = torch.linalg.cholesky_ex(A)
-    X = torch.cholesky_solve(rhs, L)
-    failed = torch.nonzero(info != 0).flatten().tolist()
-    for i in failed:
-        driver = "gelsd" if A.device.type == "cpu" else None
-        X[i] = torch.linalg.lstsq(A[i], rhs[i], driver=driver).solution
+    eps = (ridge * problem.n_tasks.to(torch.float64) / n).view(b, 1)
+    evals, evecs = torch.linalg.eigh(G)
+    cutoff = rcond * evals.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(evals > cutoff, 1.0 / (evals + eps), torch.zeros_like(evals))
+    B = problem.B.to(torch.float64)
+    X = ((B @ evecs) * inv.unsqueeze(1)) @ evecs.transpose(1, 2)
     X[problem.n_tasks == 0] = 0
-    return X.transpose(1, 2).to(problem.B.dtype).contiguous()
+    return X.to(problem.B.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
