@@ -142,7 +142,7 @@ def test_prunes_the_tiny_layer_of_one_task(score):
 
 def test_fraction_rule_prunes_the_same_number_of_layers_per_task_lowest_first():
     base, experts = build({(0, 2): 0.01})
-    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", prune_fraction=0.5)
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="l2_ratio", prune_fraction=0.5)
     pruned = decisions.summary["lwptv"]["pruned_layers"]
     assert all(len(layers) == 2 for layers in pruned.values()) and 2 in pruned["0"]
     scores = decisions.summary["lwptv"]["scores"]
@@ -164,7 +164,7 @@ def test_cosine_score_prunes_the_redundant_layer():
 @pytest.mark.parametrize("inner,kwargs", [("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare_ties", {"density": 0.5, "seed": 3})])
 def test_layer_pruned_for_every_task_is_the_base_and_others_match_the_inner_method(inner, kwargs):
     base, experts = build({(0, 3): 0.01, (1, 3): 0.01, (2, 3): 0.01, (1, 0): 0.02})
-    merged, decisions = run("lwptv", base, experts, merge_method=inner, rule="relative", ratio=0.2, **kwargs)
+    merged, decisions = run("lwptv", base, experts, merge_method=inner, score="l2_ratio", rule="relative", ratio=0.2, **kwargs)
     assert decisions.summary["lwptv"]["pruned_layers"] == {"0": [3], "1": [0, 3], "2": [3]}
     for name in layer_names(3):
         assert torch.equal(merged[name], base[name]), name
@@ -177,7 +177,7 @@ def test_composes_with_wudi():
     if "wudi" not in tm.list_methods():
         pytest.skip("wudi is not registered yet")
     base, experts = build({(0, 3): 0.01, (1, 3): 0.01, (2, 3): 0.01, (2, 1): 0.01})
-    merged, decisions = run("lwptv", base, experts, merge_method="wudi", rule="relative", ratio=0.2, steps=10, lr=1e-3)
+    merged, decisions = run("lwptv", base, experts, merge_method="wudi", score="l2_ratio", rule="relative", ratio=0.2, steps=10, lr=1e-3)
     assert decisions.summary["lwptv"]["pruned_layers"] == {"0": [3], "1": [3], "2": [1, 3]}
     for name in layer_names(3):
         assert torch.equal(merged[name], base[name]), name
@@ -189,7 +189,7 @@ def test_composes_with_wudi():
 def test_lwptv_over_tadrop_over_ties():
     base, experts = build({(0, 2): 0.01})
     merged, decisions = run(
-        "lwptv", base, experts, merge_method="tadrop", inner_merge_method="ties", prune_fraction=0.25,
+        "lwptv", base, experts, merge_method="tadrop", inner_merge_method="ties", score="l2_ratio", prune_fraction=0.25,
         density=0.3, min_numel=100, strength=1.0,
     )
     assert decisions.summary["lwptv"]["pruned_layers"]["0"] == [2]
@@ -212,13 +212,13 @@ def test_lwptv_over_tadrop_over_ties():
 
 def test_include_exclude_and_layerless_tensors_are_never_pruned():
     base, experts = build({(0, 2): 0.01, (0, 1): 0.02})
-    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", rule="relative", ratio=0.2, layer_exclude=["mlp"])
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="l2_ratio", rule="relative", ratio=0.2, layer_exclude=["mlp"])
     assert decisions.summary["lwptv"]["pruned_layers"] == {"0": [1, 2], "1": [], "2": []}
     for layer in (1, 2):
         attn, mlp = layer_names(layer)
         assert decisions.tensors[attn].keep == [False, True, True]
         assert mlp not in decisions.tensors or decisions.tensors[mlp].keep is None
-    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", prune_fraction=0.5, layer_include=["q_proj"])
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="l2_ratio", prune_fraction=0.5, layer_include=["q_proj"])
     pruned = [n for n, d in decisions.tensors.items() if d.keep is not None]
     assert pruned and all("q_proj" in n for n in pruned)
 

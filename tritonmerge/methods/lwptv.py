@@ -59,7 +59,7 @@ class LwptvParams(MethodParams):
         None, description="when merge_method is itself a modifier (tadrop), the method that one wraps (its merge_method)"
     )
     score: Score = Field(
-        "l2_ratio",
+        "cosine_to_mean",  # best validation ID average on task_arithmetic and wudi (quality_ablation.md)
         description=(
             "saliency per (task, layer), larger = kept: l2_ratio (‖τ‖₂ over the task's mean), rms_ratio (per-element RMS), "
             "l1_ratio (mean |τ|), kurtosis (Pearson, of the layer's entries), l1_l2 (√n·‖τ‖₂/‖τ‖₁), "
@@ -70,7 +70,7 @@ class LwptvParams(MethodParams):
         "fraction",
         description="fraction: prune the lowest-scoring prune_fraction of layers per task; zscore: prune z < −z_threshold; relative: prune score < ratio·max",
     )
-    prune_fraction: float = Field(0.1, ge=0, lt=1, description="rule=fraction: share of each task's layers pruned (rounded down)")
+    prune_fraction: float = Field(0.17, ge=0, lt=1, description="rule=fraction: share of each task's layers pruned (rounded down)")
     z_threshold: float = Field(1.0, ge=0, description="rule=zscore: prune layers whose score is more than this many stds below the task's mean")
     ratio: float = Field(0.1, ge=0, le=1, description="rule=relative: prune layers scoring below ratio × the task's best layer")
     min_layers_kept: int = Field(1, ge=0, description="per task, at least this many layers are kept (the best-scoring ones)")

@@ -87,7 +87,7 @@ class TadropParams(MethodParams):
         "log", description="applied to the statistic before mapping: log1p(s − lower bound) tames heavy tails, or none"
     )
     mapping: Mapping = Field(
-        "zscore",
+        "rank",  # best validation average over ties and dare_ties in benchmarks/results/quality_ablation.md
         description="zscore: d̄·(1+β·z); zscore_additive: d̄+β·z; rank: d̄·(1+β·(2r−1)), r the rank in [0,1] across tensors",
     )
     direction: Literal["keep_concentrated", "keep_diffuse"] = Field(
