@@ -77,6 +77,8 @@ def test_defaults_validate(name):
 def test_generated_table_lists_every_method_and_parameter():
     table = load_table_tool().render()
     for name, spec in method_table().items():
+        if name.startswith("_"):  # private (test-only) methods are left out of the docs
+            continue
         row = next((line for line in table.splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row is not None, f"{name} missing from the generated table"
         for p in describe_params(spec.params):

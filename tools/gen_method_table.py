@@ -99,6 +99,8 @@ def render() -> str:
         "|---|---|---|---|",
     ]
     for name, spec in method_table().items():
+        if name.startswith("_"):  # private methods (tests register some) are not part of the docs
+            continue
         doc = spec.doc
         notes = []
         if spec.modifier:
