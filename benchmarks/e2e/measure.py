@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks import machine
+
 REPO = Path(__file__).resolve().parents[2]
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
@@ -178,26 +180,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_total() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -226,9 +208,9 @@ def machine_description(mergekit_python: str | None) -> dict:
         gpu = {"name": props.name, "memory_bytes": props.total_memory, "cuda": torch.version.cuda}
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": machine.cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "ram_bytes": _mem_total(),
+        "ram_bytes": machine.mem_total(),
         "gpu": gpu,
         "os": platform.platform(),
         "python": platform.python_version(),
