@@ -7,7 +7,11 @@ size the design notes quote). Variants:
 - ``cpu``:   ops/cpu_merge.gta_cpu (radix select + fused merge in C, OpenMP threads);
 - ``torch``: the reference merge_family (what the torch backend runs), timed once;
 - ``bound``: reading the inputs and writing the output once with torch copies (one pass at the
-  machine's copy speed): the floor for any implementation that must read every input.
+  machine's copy speed): the floor for any implementation that must read every input;
+- ``select-bracket`` / ``select-histogram``: the top-k thresholds alone (cpu_kernels.topk_select),
+  by the sample bracket (one pass, the default) and by the two-pass radix select it replaced;
+- ``stats-cpu`` / ``stats-torch``: per-expert task-vector moments (cpu_merge.task_vector_stats_cpu
+  vs ops/stats.task_vector_stats_reference, which TADrop/LwPTV's analyses call).
 
 Every case first checks the fused output against the reference, bit for bit (untimed; the
 reference run doubles as the torch timing). A summary JSON goes to
@@ -34,6 +38,8 @@ from tritonmerge.context import TensorContext
 from tritonmerge.methods.task_arithmetic import Family, merge_family
 from tritonmerge.ops import cpu_kernels as ck
 from tritonmerge.ops import cpu_merge
+from tritonmerge.ops.select import keep_count
+from tritonmerge.ops.stats import task_vector_stats_reference
 from tritonmerge.registry import get_method
 
 pytest.importorskip("pytest_benchmark")
@@ -163,3 +169,40 @@ def test_torch_reference(benchmark, shape):
     benchmark.group = f"ties-{shape[0]}x{shape[1]}"
     benchmark.pedantic(lambda: merge_family(base, experts, p, ctx, TIES, "ties").to(base.dtype), rounds=1, iterations=1)
     _record(benchmark, shape, "torch")
+
+
+@pytest.mark.parametrize("variant", ["bracket", "histogram"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_topk_select(benchmark, shape, variant):
+    base, experts = _inputs(shape)
+    k = keep_count(DENSITY, base.numel())
+    flags = 0 if variant == "bracket" else ck.SELECT_NO_SAMPLE
+
+    def target():
+        a, alive = ck.make_args(base, experts, numel=base.numel())
+        result = ck.topk_select(a, list(range(N_EXPERTS)), [k] * N_EXPERTS, flags=flags)
+        return result, a._select_paths
+
+    (thr, greater, tied), paths = target()
+    other, _ = ck.topk_select(ck.make_args(base, experts, numel=base.numel())[0], list(range(N_EXPERTS)), [k] * N_EXPERTS,
+                              flags=ck.SELECT_NO_SAMPLE if flags == 0 else 0), None
+    assert (thr, greater, tied) == other, "bracket and histogram selections disagree"
+    benchmark.group = f"select-{shape[0]}x{shape[1]}"
+    benchmark.pedantic(target, rounds=5, warmup_rounds=1, iterations=1)
+    _record(benchmark, shape, f"select-{variant}", paths=paths)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_task_vector_stats(benchmark, shape):
+    base, experts = _inputs(shape)
+    t0 = time.perf_counter()
+    ref = task_vector_stats_reference(base, experts)
+    torch_seconds = time.perf_counter() - t0
+    got = cpu_merge.task_vector_stats_cpu(base, experts)
+    assert torch.equal(got[:, 0], ref[:, 0]) and torch.equal(got[:, 4], ref[:, 4])
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+    benchmark.group = f"stats-{shape[0]}x{shape[1]}"
+    benchmark.pedantic(lambda: cpu_merge.task_vector_stats_cpu(base, experts), rounds=5, warmup_rounds=1, iterations=1)
+    row = _record(benchmark, shape, "stats-cpu")
+    row["speedup_vs_torch"] = torch_seconds / row["seconds"]
+    RESULTS.append({"case": row["case"], "elements": row["elements"], "variant": "stats-torch", "seconds": torch_seconds})

@@ -389,3 +389,156 @@ def test_portable_build_is_bit_exact_too(monkeypatch, tmp_path, fresh_library):
             base, experts = grid_tensors((300, 301), 2, dtype, seed=16)
             ref, got = reference_and_cpu(method, base, experts, params, TensorContext(name="w"))
             assert torch.equal(got, ref), (method, dtype)
+
+
+# --- the sample-bracket top-k select (one pass in the common case) ---------------------------
+
+
+def _select_datasets():
+    """(name, base, experts): continuous data, a coarse grid (8 magnitudes: huge ties at every
+    threshold), a finer grid (4096 magnitudes: ties that straddle bracket edges) and bf16
+    fine-tuning-like data (few distinct |τ| per exponent), plus a zero task vector."""
+    gen = torch.Generator().manual_seed(21)
+    shape = (300, 1111)  # ~5 chunks of 64Ki: several segments with 1-3 threads
+    base = torch.randn(shape, generator=gen) * 0.02
+    continuous = [base + 0.002 * torch.randn(shape, generator=gen) for _ in range(2)]
+    fine = [base + torch.randint(-2048, 2048, shape, generator=gen).float() * 2.0**-12 for _ in range(2)]
+    b16 = base.bfloat16()
+    tuned = [(base + 0.002 * torch.randn(shape, generator=gen)).bfloat16() for _ in range(2)]
+    grid_base, grid = grid_tensors(shape, 2, torch.float32, seed=22)
+    return [
+        ("continuous", base, continuous),
+        ("grid8", grid_base, grid),
+        ("grid4096", base, fine),
+        ("bf16", b16, tuned),
+        ("zero-tau", base, [base.clone(), continuous[0]]),
+    ]
+
+
+SELECT_FLAGS = {
+    "auto": 0,
+    "narrow": ck.SELECT_NARROW,
+    "tiny": ck.SELECT_TINY,
+    "narrow+tiny": ck.SELECT_NARROW | ck.SELECT_TINY,
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("flags", list(SELECT_FLAGS), ids=list(SELECT_FLAGS))
+def test_bracket_select_equals_histograms(flags, threads):
+    """Every way the bracket select can go (one pass, misses, overflows and narrowing passes,
+    one-value bins) gives the histograms' threshold, counts and per-segment ties exactly."""
+    ks = lambda numel: [1, keep_count(0.2, numel), keep_count(0.63, numel), numel]  # noqa: E731
+    for name, base, experts in _select_datasets():
+        numel = base.numel()
+        for k in ks(numel):
+            a, alive = ck.make_args(base, experts, numel=numel, threads=threads)
+            got = ck.topk_select(a, [0, 1], [k, k], flags=SELECT_FLAGS[flags])
+            got_ties, paths = list(a._seg_ties), a._select_paths
+            h, alive_h = ck.make_args(base, experts, numel=numel, threads=threads)
+            want = ck.topk_select(h, [0, 1], [k, k], flags=ck.SELECT_NO_SAMPLE)
+            assert h._select_paths == ["histogram", "histogram"]
+            assert got == want, (name, k, paths)
+            assert got_ties == list(h._seg_ties), (name, k, paths)
+            assert all(p.startswith("bracket/") for p in paths), (name, k, paths)  # no fallback needed
+            for i, e in enumerate(experts):
+                mag = (e.float() - base.float()).abs()
+                assert got[0][i] == kth_largest(mag, k)
+            del alive, alive_h
+
+
+def test_bracket_select_paths():
+    """The common case takes one pass; forced misses and overflows take more, never the
+    histogram fallback."""
+    _, base, experts = _select_datasets()[0]
+    k = keep_count(0.2, base.numel())
+    passes = {}
+    for flags in SELECT_FLAGS:
+        a, alive = ck.make_args(base, experts, numel=base.numel(), threads=2)
+        ck.topk_select(a, [0, 1], [k, k], flags=SELECT_FLAGS[flags])
+        passes[flags] = [int(p.split("/")[1]) for p in a._select_paths]
+    assert passes["auto"] == [1, 1]
+    assert all(p >= 2 for p in passes["narrow"] + passes["tiny"] + passes["narrow+tiny"])
+
+
+@pytest.mark.parametrize("flags", list(SELECT_FLAGS), ids=list(SELECT_FLAGS))
+def test_merge_parity_through_every_select_path(flags, monkeypatch):
+    """The merged tensor equals the reference (ties resolved lowest index first) whichever way
+    the thresholds were found."""
+    real = ck.topk_select
+    monkeypatch.setattr(ck, "topk_select", lambda args, which, k: real(args, which, k, flags=SELECT_FLAGS[flags]))
+    for name, base, experts in _select_datasets():
+        for method, params in [("ties", {"density": [0.1, 0.45]}), ("magnitude", {"density": 0.3, "weight": [1.0, -0.5]})]:
+            ref, got = reference_and_cpu(method, base, experts, params, TensorContext(name="w"))
+            assert torch.equal(got, ref), (name, method)
+
+
+# --- task-vector statistics ------------------------------------------------------------------
+
+from tritonmerge.ops.stats import STAT_COLUMNS, task_vector_stats_reference  # noqa: E402
+
+
+def _assert_stats_close(got, ref, base, experts):
+    """count and max|x| exactly; each sum within 1e-10 of Σ|x|ᵖ (float64 summation order only)."""
+    assert got.shape == ref.shape and got.dtype == torch.float64
+    assert torch.equal(got[:, 0], ref[:, 0])
+    assert torch.equal(got[:, 4], ref[:, 4]) or (got[:, 4].isnan() == ref[:, 4].isnan()).all()
+    for i, e in enumerate(experts):
+        x = e.double().flatten() - base.double().flatten()
+        scale = {1: x.abs().sum(), 2: (x * x).sum(), 3: x.abs().sum(), 5: (x.abs() ** 3).sum(), 6: (x**4).sum()}
+        for col, s in scale.items():
+            assert abs(float(got[i, col]) - float(ref[i, col])) <= 1e-10 * float(s) + 1e-300, (STAT_COLUMNS[col], i)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_vector_stats_cpu_matches_reference(dtype, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(31)
+    base = (torch.randn(300, 700, generator=gen) * 0.02).to(dtype)  # ~3 chunks, a partial block
+    experts = [(base.double() + 0.002 * torch.randn(300, 700, generator=gen) * (i + 1)).to(dtype) for i in range(3)]
+    experts.append(base.clone())  # a zero task vector
+    got = cpu_merge.task_vector_stats_cpu(base, experts)
+    ref = task_vector_stats_reference(base, experts)
+    _assert_stats_close(got, ref, base, experts)
+    assert torch.equal(got, cpu_merge.task_vector_stats_cpu(base, experts))  # deterministic
+    assert float(got[3, 2]) == 0.0 and float(got[0, 2]) > 0
+
+
+def test_task_vector_stats_cpu_edge_cases():
+    """Mixed dtypes, tiny and empty tensors, NaN/Inf, more than 16 experts, and inputs the C
+    loop does not take (float64: the reference runs)."""
+    gen = torch.Generator().manual_seed(32)
+    base = torch.randn(37, generator=gen)
+    mixed = [base.bfloat16(), (base + 1).half(), base * 3]
+    _assert_stats_close(cpu_merge.task_vector_stats_cpu(base, mixed), task_vector_stats_reference(base, mixed), base, mixed)
+    empty = torch.zeros(0)
+    got = cpu_merge.task_vector_stats_cpu(empty, [empty, empty])
+    assert torch.equal(got, task_vector_stats_reference(empty, [empty, empty]))
+    bad = base.clone()
+    bad[5], bad[9] = float("nan"), float("inf")
+    got = cpu_merge.task_vector_stats_cpu(base, [bad])
+    assert got[0, 4].isnan() and got[0, 1].isnan() and float(got[0, 0]) == 37
+    inf_only = base.clone()
+    inf_only[3] = float("inf")
+    assert float(cpu_merge.task_vector_stats_cpu(base, [inf_only])[0, 4]) == float("inf")
+    many = [base + 0.01 * i for i in range(19)]
+    _assert_stats_close(cpu_merge.task_vector_stats_cpu(base, many), task_vector_stats_reference(base, many), base, many)
+    b64 = base.double()
+    assert torch.equal(cpu_merge.task_vector_stats_cpu(b64, [b64 + 1]), task_vector_stats_reference(b64, [b64 + 1]))
+
+
+def test_merge_counts_nonfinite_outputs():
+    """The fused merge counts the NaN/Inf it writes (fp16 overflow here), so that the engine's
+    output check needs no extra read; a tensor changed since, or not from the merge, is unknown."""
+    base = torch.zeros(70_000, dtype=torch.float16)
+    big = torch.zeros(70_000)
+    big[[5, 66_000]] = 1e6  # beyond fp16's range: rounds to inf
+    p = get_method("task_arithmetic").validate({})
+    out = cpu_merge.gta_cpu(base, [big], p, TensorContext(name="w"), FAMILY["task_arithmetic"], "")
+    assert cpu_merge.known_nonfinite(out) == 2 == int((~torch.isfinite(out)).sum())
+    fine = cpu_merge.linear_cpu(base, [big * 0], get_method("linear").validate({}), TensorContext())
+    assert cpu_merge.known_nonfinite(fine) == 0
+    fine[0] = float("nan")
+    assert cpu_merge.known_nonfinite(fine) is None  # modified in place since
+    assert cpu_merge.known_nonfinite(torch.zeros(3)) is None

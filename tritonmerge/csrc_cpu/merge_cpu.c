@@ -9,7 +9,7 @@
  * bit-identical to it. That requires compiling without -ffast-math and with -ffp-contract=off:
  * a fused multiply-add would round once where the reference rounds twice.
  *
- * Work is split into segments, contiguous runs of TM_CHUNK-element chunks, one per thread; each
+ * Work is split into segments, contiguous runs of TM_CHUNK-element chunks, a few per thread; each
  * segment is processed in flat order, in blocks of TM_BLOCK elements converted to float32 in
  * per-thread scratch so that the arithmetic loops are simple and vectorise. Results never depend
  * on the thread count. Task vectors are never materialised in memory.
@@ -23,7 +23,7 @@
 #include <omp.h>
 #endif
 
-#define TM_ABI_VERSION 1
+#define TM_ABI_VERSION 2
 #define TM_MAX_EXPERTS 16
 #define TM_BLOCK 1024
 #define TM_CHUNK (64 * 1024)
@@ -87,6 +87,9 @@ typedef struct {
     const int64_t *seg_ties;
     int32_t n_segments;
     int32_t reserved;
+    /* tm_merge: where to add the number of NaN/Inf entries it wrote (may be NULL), so that the
+       caller's finiteness check of the output needs no read of its own */
+    int64_t *nonfinite;
 } tm_args;
 
 int tm_abi_version(void) { return TM_ABI_VERSION; }
@@ -228,16 +231,22 @@ static int check_args(const tm_args *a) {
     return TM_OK;
 }
 
-/* Segments: contiguous runs of whole chunks; one per thread, at most TM_MAX_SEGMENTS. */
-int32_t tm_segment_count(int64_t numel, int32_t threads) {
+/* Segments: contiguous runs of whole chunks, TM_SEGMENTS_PER_THREAD per thread (at most
+   TM_MAX_SEGMENTS), handed out dynamically: with more than one per thread, a thread that loses
+   its core to another process (or to the engine's reader and writer threads) no longer holds
+   up the others at the end of the loop. */
+#define TM_SEGMENTS_PER_THREAD 4
+static int32_t split_count(int64_t numel, int32_t threads, int32_t per_thread) {
     int64_t chunks = (numel + TM_CHUNK - 1) / TM_CHUNK;
-    int64_t s = threads > 0 ? threads : 1;
+    int64_t s = (int64_t)(threads > 0 ? threads : 1) * per_thread;
     if (s > TM_MAX_SEGMENTS) s = TM_MAX_SEGMENTS;
     if (s > chunks) s = chunks;
     int64_t at_least = (numel + TM_SEGMENT_MAX - 1) / TM_SEGMENT_MAX;
     if (s < at_least) s = at_least; /* only for tensors beyond 2^35 elements */
     return s < 1 ? 1 : (int32_t)s;
 }
+
+int32_t tm_segment_count(int64_t numel, int32_t threads) { return split_count(numel, threads, TM_SEGMENTS_PER_THREAD); }
 
 static void segment_range(int64_t numel, int32_t segments, int32_t s, int64_t *start, int64_t *end) {
     int64_t chunks = (numel + TM_CHUNK - 1) / TM_CHUNK;
@@ -313,7 +322,9 @@ static int histogram(const tm_args *a, uint32_t which, const int32_t *bins, uint
     const int n = a->n_experts;
     const size_t nbins = bins ? TM_LOW_BINS : TM_HIGH_BINS;
     const size_t size = (size_t)n * nbins;
-    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    /* the merge's segments where their counts are kept, else one per thread (each segment
+       zeroes and flushes its own histograms: fewer is cheaper) */
+    const int32_t segments = per_segment ? tm_segment_count(a->numel, a->n_threads) : split_count(a->numel, a->n_threads, 1);
     memset(out, 0, size * sizeof(uint64_t));
     if (a->numel == 0 || which == 0) return TM_OK;
     int failed = 0;
@@ -447,21 +458,457 @@ static int topk_select_small(const tm_args *a, uint32_t which, const int64_t *k,
     return TM_OK;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* The exact top-k threshold from a sample bracket, usually in one pass (histograms: fallback) */
+
+/*
+ * Why: the radix select reads base + experts twice. A strided sample (1/64 of the entries, in
+ * runs of TM_SAMPLE_RUN at hashed offsets, deterministic) brackets the k-th largest |τ| in
+ * [lo, hi]. One pass over base and every expert (base read once) then counts per
+ * (segment, expert) the entries above hi, histograms the entries in [lo, hi] (the candidates,
+ * ~1-2% of the tensor) in TM_BRACKET_BINS coarse bins, and copies their |τ| bits into a buffer.
+ * When fewer than k entries lie above hi and at least k at or above lo, the coarse histogram
+ * names the bin of the k-th largest and an exact selection among that bin's candidates gives
+ * the threshold, the counts and the per-segment ties: the same answer as the histograms.
+ * Otherwise another pass follows over a new bracket: the bin of the k-th largest when the
+ * buffers overflowed (heavy ties: with bins of one value the histogram alone is exact), or the
+ * range beyond the bracket when it missed. Each such pass narrows the range by the bin count,
+ * so a few passes always finish; TM_BRACKET_PASSES bounds them before the histogram fallback.
+ */
+#define TM_SAMPLE_RUN 64         /* contiguous entries per sampled run (2–4 cache lines) */
+#define TM_SAMPLE_WINDOW 4096    /* one run per window: a 1/64 sample */
+#define TM_SAMPLE_MIN 32768      /* smaller windows (down to 256) until the sample is this big */
+#define TM_SAMPLE_MAX 262144     /* larger windows until the sample is at most this big */
+#define TM_SAMPLE_SIGMAS 4.0     /* bracket half-width in standard deviations of the sample rank */
+#define TM_SAMPLE_CORRELATION 2.0 /* entries of a run are not independent: variance inflation */
+#define TM_BRACKET_BINS 4096
+#define TM_BRACKET_PASSES 6
+/* candidates a narrowed pass may buffer per expert (beyond it: one more narrowing pass) */
+#define TM_BRACKET_MAX_BUFFER ((int64_t)1 << 24)
+
+/* tm_topk_select's path[i]: how the threshold was found (TM_PATH_BRACKET + passes for the bracket) */
+enum { TM_PATH_NONE = 0, TM_PATH_QUICKSELECT = 1, TM_PATH_HIST = 2, TM_PATH_HIST_FALLBACK = 3, TM_PATH_BRACKET = 10 };
+/* flags of tm_topk_select (tests): */
+#define TM_SELECT_NO_SAMPLE 1u   /* straight to the histograms */
+#define TM_SELECT_NARROW 2u      /* a bracket of one sample value (forces misses on continuous data) */
+#define TM_SELECT_TINY 4u        /* candidate buffers of 64 entries (forces overflows, narrowing) */
+
+/* Window -> run offset inside it: hashed, so that runs do not sit at the same columns of a
+   row-major matrix whose rows are a multiple of the window. */
+static inline int64_t sample_offset(int64_t w, int64_t window) {
+    return (int64_t)(fmix32((uint32_t)w * 0x9E3779B1u + 0x5EEDu) % (uint32_t)(window / TM_SAMPLE_RUN)) * TM_SAMPLE_RUN;
+}
+
+static inline void prefetch_run(const void *p, int dtype, int64_t start) {
+    const char *c = (const char *)p + start * (dtype == TM_F32 ? 4 : 2);
+    for (int off = 0; off < TM_SAMPLE_RUN * (dtype == TM_F32 ? 4 : 2); off += 64) __builtin_prefetch(c + off);
+}
+
+typedef struct {
+    uint32_t lo, hi; /* the bracket, |τ| bits inclusive */
+    int32_t shift;   /* coarse bin of a candidate: (bits − lo) >> shift */
+} tm_bracket;
+
+typedef struct {
+    uint32_t *hist;  /* TM_BRACKET_BINS counts of candidates */
+    uint32_t *buf;   /* candidate |τ| bits, up to cap */
+    int64_t cap;
+    int64_t count;   /* candidates seen (more than cap: overflow, buf incomplete) */
+    int64_t above;   /* entries with |τ| bits > hi */
+} tm_bucket;
+
+static int32_t bracket_shift(uint32_t lo, uint32_t hi) {
+    int32_t s = 0;
+    while (((hi - lo) >> s) >= TM_BRACKET_BINS) s++;
+    return s;
+}
+
+/* One pass over [start, end) for the experts in `which`: per expert the entries above its
+   bracket, and the histogram and bits of those inside. */
+TM_HOT void tm_bracket_range(const tm_args *a, int64_t start, int64_t end, uint32_t which, const tm_bracket *br,
+                             float *scratch, tm_bucket *buckets) {
+    float *b = scratch, *t = scratch + TM_BLOCK;
+    uint32_t *restrict u = (uint32_t *)(scratch + 2 * TM_BLOCK);
+    uint8_t *restrict flag = (uint8_t *)(scratch + 3 * TM_BLOCK); /* TM_BLOCK bytes, 8-aligned */
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        const int m8 = (m + 7) & ~7;
+        if (a->subtract_base) load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < a->n_experts; i++) {
+            if (!((which >> i) & 1u)) continue;
+            tm_bucket *bk = &buckets[i];
+            if (a->keep_mode[i] == KEEP_NONE)
+                for (int j = 0; j < m; j++) t[j] = 0.0f;
+            else
+                load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            const uint32_t h = br[i].hi, l = br[i].lo, width = br[i].hi - br[i].lo;
+            const int32_t shift = br[i].shift;
+            uint32_t above = 0; /* 32-bit: the loop vectorises with full-width lanes */
+            /* vectorised: |τ| bits, the count above, and a byte flag per candidate */
+            for (int j = 0; j < m; j++) {
+                const uint32_t v = float_to_bits(t[j]) & 0x7FFFFFFFu;
+                u[j] = v;
+                above += v > h;
+                flag[j] = (uint8_t)((v - l) <= width); /* v − l wraps below lo */
+            }
+            for (int j = m; j < m8; j++) flag[j] = 0;
+            bk->above += above;
+            /* candidates are rare: test 8 flags at a time, visit the set ones in index order */
+            uint32_t *restrict hist = bk->hist;
+            int64_t count = bk->count;
+            const int64_t cap = bk->cap;
+            for (int g = 0; g < m8; g += 8) {
+                uint64_t x;
+                memcpy(&x, flag + g, 8);
+                while (x) {
+                    const int j = g + (__builtin_ctzll(x) >> 3);
+                    x &= x - 1;
+                    const uint32_t v = u[j];
+                    hist[(v - l) >> shift]++;
+                    if (count < cap) bk->buf[count] = v;
+                    count++;
+                }
+            }
+            bk->count = count;
+        }
+    }
+}
+
+/* Experts whose bracket resolved: threshold and counts from the pass (see topk_select_bracket). */
+static int resolve_bracket(int n, int i, int32_t segments, const tm_bracket *br, const tm_bucket *buckets, int64_t k,
+                           float *threshold, int64_t *greater, int64_t *tied,
+                           int64_t *seg_ties, int *need_narrow, int32_t *bin_out) {
+    int64_t cum = 0, overflow = 0;
+    for (int32_t s = 0; s < segments; s++) {
+        cum += buckets[(size_t)s * n + i].above;
+        overflow |= buckets[(size_t)s * n + i].count > buckets[(size_t)s * n + i].cap;
+    }
+    uint64_t *total = (uint64_t *)malloc(TM_BRACKET_BINS * sizeof(uint64_t));
+    if (!total) return TM_ENOMEM;
+    for (int b = 0; b < TM_BRACKET_BINS; b++) total[b] = 0;
+    for (int32_t s = 0; s < segments; s++) {
+        const uint32_t *h = buckets[(size_t)s * n + i].hist;
+        for (int b = 0; b < TM_BRACKET_BINS; b++) total[b] += h[b];
+    }
+    int bin = -1;
+    for (int b = TM_BRACKET_BINS - 1; b >= 0; b--) {
+        if (cum + (int64_t)total[b] >= k) {
+            bin = b;
+            break;
+        }
+        cum += (int64_t)total[b];
+    }
+    const int64_t in_bin = bin >= 0 ? (int64_t)total[bin] : 0;
+    free(total);
+    *bin_out = bin;
+    *need_narrow = 0;
+    if (bin < 0) return TM_ERANGE; /* the caller checked the bracket holds the k-th largest */
+    if (br->shift == 0) { /* a bin is one value: the histogram is the answer */
+        threshold[i] = bits_to_float(br->lo + (uint32_t)bin);
+        greater[i] = cum;
+        tied[i] = in_bin;
+        if (seg_ties)
+            for (int32_t s = 0; s < segments; s++) seg_ties[(size_t)s * n + i] = buckets[(size_t)s * n + i].hist[bin];
+        return TM_OK;
+    }
+    if (overflow) {
+        *need_narrow = 1;
+        return TM_OK;
+    }
+    /* the candidates of the k-th's bin, segment after segment; exact selection among them */
+    uint32_t *all = malloc((size_t)(in_bin + 1) * sizeof(uint32_t)); /* +1: the compaction's spare slot */
+    int64_t *seg_start = malloc((size_t)(segments + 1) * sizeof(int64_t));
+    if (!all || !seg_start) {
+        free(all);
+        free(seg_start);
+        return TM_ENOMEM;
+    }
+    int64_t at = 0;
+    for (int32_t s = 0; s < segments; s++) {
+        const tm_bucket *bk = &buckets[(size_t)s * n + i];
+        seg_start[s] = at;
+        const uint32_t lo = br->lo + ((uint32_t)bin << br->shift), width = (uint32_t)((1ull << br->shift) - 1);
+        for (int64_t j = 0; j < bk->count; j++) { /* branch-free compaction (a spare slot at the end) */
+            const uint32_t v = bk->buf[j];
+            all[at] = v;
+            at += (v - lo) <= width;
+        }
+    }
+    seg_start[segments] = at;
+    int64_t gt = 0, eq = 0;
+    uint32_t thr;
+    {
+        uint32_t *copy = malloc((size_t)(at > 0 ? at : 1) * sizeof(uint32_t));
+        if (!copy) {
+            free(all);
+            free(seg_start);
+            return TM_ENOMEM;
+        }
+        memcpy(copy, all, (size_t)at * sizeof(uint32_t));
+        thr = kth_largest_bits(copy, at, k - cum);
+        free(copy);
+    }
+    for (int32_t s = 0; s < segments; s++) {
+        int64_t here = 0;
+        for (int64_t j = seg_start[s]; j < seg_start[s + 1]; j++) {
+            gt += all[j] > thr;
+            here += all[j] == thr;
+        }
+        eq += here;
+        if (seg_ties) seg_ties[(size_t)s * n + i] = here;
+    }
+    free(all);
+    free(seg_start);
+    threshold[i] = bits_to_float(thr);
+    greater[i] = cum + gt;
+    tied[i] = eq;
+    return TM_OK;
+}
+
+/* The initial brackets from the sample (ns experts sel[], each m sampled |τ| bits). */
+static int sample_brackets(const tm_args *a, const int *sel, int ns, const int64_t *k, uint32_t flags,
+                           tm_bracket *br, int64_t *expected) {
+    const int64_t numel = a->numel;
+    int64_t window = TM_SAMPLE_WINDOW;
+    while (window > 256 && numel / window * TM_SAMPLE_RUN < TM_SAMPLE_MIN) window /= 2;
+    while (numel / window * TM_SAMPLE_RUN > TM_SAMPLE_MAX) window *= 2;
+    const int64_t windows = numel / window, m = windows * TM_SAMPLE_RUN;
+    for (int q = 0; q < ns; q++) { /* no sample: the whole range */
+        br[sel[q]].lo = 0;
+        br[sel[q]].hi = 0xFFFFFFFFu;
+        expected[sel[q]] = numel;
+    }
+    if (m < 1024) return TM_OK;
+    uint32_t *hist = calloc((size_t)ns * TM_HIGH_BINS, sizeof(uint32_t));
+    if (!hist) return TM_ENOMEM;
+    /* per thread its own histograms (counts add up in any order: deterministic) */
+    int nt = a->n_threads > 0 ? a->n_threads : 1;
+    if (nt > 16) nt = 16;
+    if (numel < ((int64_t)1 << 22)) nt = 1; /* not worth waking threads for */
+    uint32_t *local_all = calloc((size_t)nt * ns * TM_HIGH_BINS, sizeof(uint32_t));
+    if (!local_all) {
+        free(hist);
+        return TM_ENOMEM;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        uint32_t *local = local_all + (size_t)me * ns * TM_HIGH_BINS;
+        float bb[TM_SAMPLE_RUN], tt[TM_SAMPLE_RUN];
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < windows; w++) {
+            const int64_t s = w * window + sample_offset(w, window);
+            if (w + 4 < windows) { /* the runs are too far apart for the hardware prefetchers */
+                const int64_t ahead = (w + 4) * window + sample_offset(w + 4, window);
+                if (a->subtract_base) prefetch_run(a->base, a->base_dtype, ahead);
+                for (int q = 0; q < ns; q++)
+                    if (a->keep_mode[sel[q]] != KEEP_NONE) prefetch_run(a->experts[sel[q]], a->expert_dtype[sel[q]], ahead);
+            }
+            if (a->subtract_base) load_block(a->base, a->base_dtype, s, TM_SAMPLE_RUN, bb);
+            for (int q = 0; q < ns; q++) {
+                const int i = sel[q];
+                uint32_t *h = local + (size_t)q * TM_HIGH_BINS;
+                if (a->keep_mode[i] == KEEP_NONE) {
+                    h[0] += TM_SAMPLE_RUN;
+                    continue;
+                }
+                load_tau(a->experts[i], a->expert_dtype[i], s, TM_SAMPLE_RUN, bb, a->subtract_base, tt);
+                for (int j = 0; j < TM_SAMPLE_RUN; j++) h[(float_to_bits(tt[j]) & 0x7FFFFFFFu) >> 16]++;
+            }
+        }
+    }
+    for (int r = 0; r < nt; r++)
+        for (size_t q = 0; q < (size_t)ns * TM_HIGH_BINS; q++) hist[q] += local_all[(size_t)r * ns * TM_HIGH_BINS + q];
+    free(local_all);
+    for (int q = 0; q < ns; q++) {
+        const int i = sel[q];
+        const uint32_t *h = hist + (size_t)q * TM_HIGH_BINS;
+        const double p = (double)k[i] / (double)numel;
+        const double sd = sqrt(TM_SAMPLE_CORRELATION * (double)m * p * (1.0 - p));
+        const int64_t margin = (flags & TM_SELECT_NARROW) ? 0 : (int64_t)ceil(TM_SAMPLE_SIGMAS * sd) + 8;
+        int64_t r = (int64_t)ceil(p * (double)m);
+        if (r < 1) r = 1;
+        const int64_t rh = r - margin, rl = r + margin; /* sample ranks, 1 = largest */
+        /* bins (high 15 bits) holding those ranks; the bracket takes them whole */
+        int64_t cum = 0;
+        int bin_h = -1, bin_l = -1;
+        for (int b = TM_HIGH_BINS - 1; b >= 0 && bin_l < 0; b--) {
+            cum += h[b];
+            if (bin_h < 0 && rh >= 1 && cum >= rh) bin_h = b;
+            if (cum >= rl) bin_l = b;
+        }
+        br[i].hi = bin_h >= 0 ? ((uint32_t)bin_h << 16) | 0xFFFFu : 0xFFFFFFFFu;
+        br[i].lo = bin_l >= 0 ? (uint32_t)bin_l << 16 : 0;
+        if (flags & TM_SELECT_NARROW) { /* one value: the lowest of the bin, for tests */
+            br[i].hi = br[i].lo;
+        }
+        /* candidates expected: the sample's share in [lo, hi] */
+        int64_t inside = 0;
+        for (int b = (int)(br[i].lo >> 16); b <= (int)(br[i].hi >> 16) && b < TM_HIGH_BINS; b++) inside += h[b];
+        expected[i] = (int64_t)ceil((double)numel * (double)inside / (double)m);
+    }
+    free(hist);
+    return TM_OK;
+}
+
+/*
+ * Resolve the experts of `which` by brackets: *done gets those resolved (the rest need the
+ * histograms), path[i] how many passes it took. seg_ties as tm_topk_select.
+ */
+static int topk_select_bracket(const tm_args *a, uint32_t which, const int64_t *k, uint32_t flags, float *threshold,
+                               int64_t *greater, int64_t *tied, int64_t *seg_ties, int32_t *path, uint32_t *done) {
+    const int n = a->n_experts;
+    const int64_t numel = a->numel;
+    const int32_t segments = tm_segment_count(numel, a->n_threads);
+    *done = 0;
+    int sel[TM_MAX_EXPERTS], ns = 0;
+    for (int i = 0; i < n; i++)
+        if ((which >> i) & 1u) sel[ns++] = i;
+    if (ns == 0) return TM_OK;
+
+    tm_bracket br[TM_MAX_EXPERTS];
+    int64_t expected[TM_MAX_EXPERTS] = {0};
+    int rc = sample_brackets(a, sel, ns, k, flags, br, expected);
+    if (rc) return rc;
+    /* per (segment, expert) capacities: from the sample's estimate, later from exact counts */
+    int64_t *caps = malloc((size_t)segments * n * sizeof(int64_t));
+    tm_bucket *buckets = calloc((size_t)segments * n, sizeof(tm_bucket));
+    if (!caps || !buckets) {
+        free(caps);
+        free(buckets);
+        return TM_ENOMEM;
+    }
+    for (int q = 0; q < ns; q++) {
+        const int i = sel[q];
+        br[i].shift = bracket_shift(br[i].lo, br[i].hi);
+        const int64_t c = expected[i] >= numel / 2 ? 0 : 2 * expected[i] / segments + 4096; /* 0: histogram only */
+        for (int32_t s = 0; s < segments; s++) caps[(size_t)s * n + i] = (flags & TM_SELECT_TINY) ? 64 : c;
+    }
+    uint32_t todo = which;
+    for (int pass = 1; pass <= TM_BRACKET_PASSES && todo && rc == TM_OK; pass++) {
+        int failed = 0;
+#pragma omp parallel num_threads(thread_count(a, segments))
+        {
+            float *scratch = malloc(scratch_floats() * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+            for (int32_t s = 0; s < segments; s++) {
+                tm_bucket *bk = buckets + (size_t)s * n;
+                int ok = scratch != NULL;
+                for (int i = 0; i < n && ok; i++) {
+                    if (!((todo >> i) & 1u)) continue;
+                    free(bk[i].buf);
+                    free(bk[i].hist);
+                    bk[i].cap = caps[(size_t)s * n + i];
+                    bk[i].count = bk[i].above = 0;
+                    bk[i].buf = malloc((size_t)(bk[i].cap > 0 ? bk[i].cap : 1) * sizeof(uint32_t));
+                    bk[i].hist = calloc(TM_BRACKET_BINS, sizeof(uint32_t));
+                    ok = bk[i].buf && bk[i].hist;
+                }
+                if (!ok) {
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                int64_t start, end;
+                segment_range(numel, segments, s, &start, &end);
+                tm_bracket_range(a, start, end, todo, br, scratch, bk);
+            }
+            free(scratch);
+        }
+        if (failed) {
+            rc = TM_ENOMEM;
+            break;
+        }
+        for (int i = 0; i < n && rc == TM_OK; i++) {
+            if (!((todo >> i) & 1u)) continue;
+            int64_t above = 0, count = 0;
+            for (int32_t s = 0; s < segments; s++) {
+                above += buckets[(size_t)s * n + i].above;
+                count += buckets[(size_t)s * n + i].count;
+            }
+            if (above >= k[i]) { /* missed low: the k-th is above hi */
+                br[i].lo = br[i].hi + 1;
+                br[i].hi = 0xFFFFFFFFu;
+            } else if (above + count < k[i]) { /* missed high: the k-th is below lo */
+                br[i].hi = br[i].lo - 1;
+                br[i].lo = 0;
+            } else {
+                int narrow = 0, bin = -1;
+                rc = resolve_bracket(n, i, segments, &br[i], buckets, k[i], threshold, greater, tied,
+                                     seg_ties, &narrow, &bin);
+                if (rc) break;
+                if (!narrow) {
+                    todo &= ~(1u << i);
+                    *done |= 1u << i;
+                    path[i] = TM_PATH_BRACKET + pass;
+                    continue;
+                }
+                /* overflowed: the next bracket is that bin, its candidates counted exactly */
+                const uint32_t lo = br[i].lo + ((uint32_t)bin << br[i].shift);
+                const uint64_t top = (uint64_t)lo + ((1ull << br[i].shift) - 1); /* 64-bit: may pass 2^32 */
+                br[i].lo = lo;
+                br[i].hi = top < br[i].hi ? (uint32_t)top : br[i].hi;
+                int64_t in_bin = 0;
+                for (int32_t s = 0; s < segments; s++) in_bin += buckets[(size_t)s * n + i].hist[bin];
+                for (int32_t s = 0; s < segments; s++)
+                    caps[(size_t)s * n + i] = (flags & TM_SELECT_TINY)             ? 64
+                                              : in_bin <= TM_BRACKET_MAX_BUFFER ? buckets[(size_t)s * n + i].hist[bin]
+                                                                                : 0;
+                br[i].shift = bracket_shift(br[i].lo, br[i].hi);
+                continue;
+            }
+            /* after a miss: histogram only, the next pass narrows with exact counts */
+            br[i].shift = bracket_shift(br[i].lo, br[i].hi);
+            for (int32_t s = 0; s < segments; s++) caps[(size_t)s * n + i] = (flags & TM_SELECT_TINY) ? 64 : 0;
+        }
+    }
+    for (size_t q = 0; q < (size_t)segments * n; q++) {
+        free(buckets[q].buf);
+        free(buckets[q].hist);
+    }
+    free(buckets);
+    free(caps);
+    return rc;
+}
+
 /*
  * Exact k[i]-th largest |τ| for each expert in `which` (the answer of ops/select.kth_largest),
  * with the number of entries strictly greater and equal to it, and (seg_ties, may be NULL) the
  * number equal to it in each segment: tm_segment_count(numel, n_threads) × n_experts entries,
- * which tm_merge uses to keep the lowest-index ties without another read.
+ * which tm_merge uses to keep the lowest-index ties without another read. path (may be NULL)
+ * gets per expert how its threshold was found (TM_PATH_*); flags are TM_SELECT_* (tests).
+ * Small tensors: quickselect; else the sample bracket (usually one pass, see topk_select_bracket),
+ * the histograms (two passes) for an expert whose brackets all failed.
  */
 int tm_topk_select(const tm_args *a, uint32_t which, const int64_t *k, float *threshold, int64_t *greater,
-                   int64_t *tied, int64_t *seg_ties) {
+                   int64_t *tied, int64_t *seg_ties, uint32_t flags, int32_t *path) {
     int rc = check_args(a);
     if (rc) return rc;
     const int n = a->n_experts;
     const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    int32_t paths[TM_MAX_EXPERTS] = {0};
     for (int i = 0; i < n; i++)
         if (((which >> i) & 1u) && (k[i] < 1 || k[i] > a->numel)) return TM_ERANGE;
-    if (segments == 1 && a->numel <= TM_SMALL_SELECT) return topk_select_small(a, which, k, threshold, greater, tied, seg_ties);
+    if (seg_ties) memset(seg_ties, 0, (size_t)segments * n * sizeof(int64_t));
+    if (segments == 1 && a->numel <= TM_SMALL_SELECT) {
+        rc = topk_select_small(a, which, k, threshold, greater, tied, seg_ties);
+        for (int i = 0; i < n; i++) paths[i] = ((which >> i) & 1u) ? TM_PATH_QUICKSELECT : TM_PATH_NONE;
+        if (path) memcpy(path, paths, (size_t)n * sizeof(int32_t));
+        return rc;
+    }
+    uint32_t done = 0;
+    if (!(flags & TM_SELECT_NO_SAMPLE)) {
+        rc = topk_select_bracket(a, which, k, flags, threshold, greater, tied, seg_ties, paths, &done);
+        if (rc) return rc;
+    }
+    which &= ~done;
+    for (int i = 0; i < n; i++)
+        if ((which >> i) & 1u) paths[i] = (flags & TM_SELECT_NO_SAMPLE) ? TM_PATH_HIST : TM_PATH_HIST_FALLBACK;
+    if (path) memcpy(path, paths, (size_t)n * sizeof(int32_t));
+    if (which == 0) return TM_OK;
     uint64_t *high = malloc((size_t)n * TM_HIGH_BINS * sizeof(uint64_t));
     uint64_t *low = malloc((size_t)n * TM_LOW_BINS * sizeof(uint64_t));
     uint32_t **per_segment = calloc((size_t)segments, sizeof(uint32_t *));
@@ -495,8 +942,8 @@ int tm_topk_select(const tm_args *a, uint32_t which, const int64_t *k, float *th
     if (rc == TM_OK && seg_ties)
         for (int32_t s = 0; s < segments; s++)
             for (int i = 0; i < n; i++)
-                seg_ties[(size_t)s * n + i] =
-                    ((which >> i) & 1u) && per_segment[s] ? per_segment[s][(size_t)i * TM_LOW_BINS + los[i]] : 0;
+                if ((which >> i) & 1u)
+                    seg_ties[(size_t)s * n + i] = per_segment[s] ? per_segment[s][(size_t)i * TM_LOW_BINS + los[i]] : 0;
     if (per_segment)
         for (int32_t s = 0; s < segments; s++) free(per_segment[s]);
     free(per_segment);
@@ -571,7 +1018,10 @@ static inline void apply_keep(const tm_args *a, int i, int64_t index0, int m, in
 /* ---------------------------------------------------------------------------------------- */
 /* The fused merge                                                                            */
 
-TM_HOT void tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch) {
+TM_HOT int64_t tm_count_nonfinite_range(const void *p, int32_t dtype, int64_t start, int64_t end);
+
+/* Returns the number of NaN/Inf entries written (counted while the block is in L1). */
+TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch) {
     const int n = a->n_experts;
     float *restrict b = scratch;
     float *restrict acc = b + TM_BLOCK;
@@ -579,6 +1029,7 @@ TM_HOT void tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t
     float *restrict total = div + TM_BLOCK;
     float *restrict taus = total + TM_BLOCK;
     const int need_base = a->subtract_base || a->add_base;
+    int64_t bad = 0;
 
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
@@ -651,7 +1102,9 @@ TM_HOT void tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t
             for (int j = 0; j < m; j++) acc[j] = b[j] + lam * acc[j];
         }
         store_block(a->out, a->out_dtype, s, m, acc);
+        if (a->nonfinite) bad += tm_count_nonfinite_range(a->out, a->out_dtype, s, s + m);
     }
+    return bad;
 }
 
 /* Entries with |τ| == threshold per expert in `which`, in [start, end). */
@@ -766,7 +1219,11 @@ int tm_merge(const tm_args *a) {
             if (!scratch) continue;
             int64_t start, end;
             segment_range(a->numel, segments, s, &start, &end);
-            tm_merge_range(a, start, end, budgets + (size_t)s * n, wsum, scratch);
+            const int64_t bad = tm_merge_range(a, start, end, budgets + (size_t)s * n, wsum, scratch);
+            if (a->nonfinite && bad) {
+#pragma omp atomic
+                *a->nonfinite += bad;
+            }
         }
         free(scratch);
     }
@@ -847,7 +1304,7 @@ int tm_abs_sums(const tm_args *a, double *before, double *after) {
 /* Input validation: NaN/Inf count in one read (torch.isfinite(t).all() costs ~6 passes)       */
 
 TM_HOT int64_t tm_count_nonfinite_range(const void *p, int32_t dtype, int64_t start, int64_t end) {
-    int64_t count = 0;
+    uint32_t count = 0; /* callers pass at most a chunk; 32-bit lanes vectorise twice as wide as 64 */
     if (dtype == TM_F32) {
         const uint32_t *restrict x = (const uint32_t *)p;
         for (int64_t j = start; j < end; j++) count += (x[j] & 0x7F800000u) == 0x7F800000u;
@@ -872,4 +1329,115 @@ int64_t tm_count_nonfinite(const void *p, int64_t numel, int32_t dtype, int32_t 
         count += tm_count_nonfinite_range(p, dtype, start, end);
     }
     return count;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Task-vector statistics (ops/stats.task_vector_stats): one read of base + experts           */
+
+#define TM_STAT_COLUMNS 7 /* count, Σx, Σx², Σ|x|, max|x|, Σx³, Σx⁴ */
+#define TM_STAT_LANES 8   /* independent accumulators: a fixed summation order that vectorises */
+
+/* Eight float64 lanes as a GCC vector: each lane accumulates every 8th entry, a fixed order
+   that compiles to SIMD in every target clone (plain C loops over lanes did not vectorise). */
+typedef double tm_v8d __attribute__((vector_size(64)));
+typedef int64_t tm_v8i __attribute__((vector_size(64)));
+
+/* The columns of x = (double)expert − (double)base (exact, as the reference's float64 τ) over
+   [start, end), for every expert; the lanes are added in order at the end. */
+TM_HOT void tm_tau_stats_range(const tm_args *a, int64_t start, int64_t end, float *scratch, double *out) {
+    const int n = a->n_experts;
+    float *b = scratch, *e = scratch + TM_BLOCK;
+    double *x = (double *)(scratch + 2 * TM_BLOCK); /* TM_BLOCK doubles */
+    const tm_v8i abs_mask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    for (int i = 0; i < n; i++) {
+        tm_v8d s1 = {0}, s2 = {0}, sa = {0}, s3 = {0}, s4 = {0}, mx = {0};
+        for (int64_t s = start; s < end; s += TM_BLOCK) {
+            const int m = block_len(s, end);
+            load_block(a->base, a->base_dtype, s, m, b); /* again per expert: a chunk stays in L2 */
+            load_block(a->experts[i], a->expert_dtype[i], s, m, e);
+            for (int j = 0; j < m; j++) x[j] = (double)e[j] - (double)b[j];
+            const int m8 = (m + TM_STAT_LANES - 1) & ~(TM_STAT_LANES - 1);
+            for (int j = m; j < m8; j++) x[j] = 0.0; /* zeros add nothing, and |0| never wins the max */
+            for (int j0 = 0; j0 < m8; j0 += TM_STAT_LANES) {
+                tm_v8d v, av, v2;
+                memcpy(&v, x + j0, sizeof v);
+                av = (tm_v8d)((tm_v8i)v & abs_mask);
+                v2 = v * v;
+                s1 += v;
+                s2 += v2;
+                sa += av;
+                s3 += v2 * v;
+                s4 += v2 * v2;
+                const tm_v8i greater = av > mx;
+                mx = (tm_v8d)(((tm_v8i)av & greater) | ((tm_v8i)mx & ~greater));
+            }
+        }
+        double *o = out + (size_t)i * TM_STAT_COLUMNS;
+        o[0] = (double)(end - start);
+        o[1] = o[2] = o[3] = o[4] = o[5] = o[6] = 0.0;
+        for (int l = 0; l < TM_STAT_LANES; l++) {
+            o[1] += s1[l];
+            o[2] += s2[l];
+            o[3] += sa[l];
+            o[4] = mx[l] > o[4] ? mx[l] : o[4];
+            o[5] += s3[l];
+            o[6] += s4[l];
+        }
+    }
+}
+
+/*
+ * out: n_experts × 7 float64, the columns of ops/stats.STAT_COLUMNS for τᵢ = expertᵢ − base in
+ * float64. Summed per chunk (8 lanes each), then chunks in order: the same result for any
+ * thread count; it differs from torch's float64 sums only by summation order. max|x| is NaN
+ * when τ has a NaN (as torch's max), 0 for an empty tensor.
+ */
+int tm_tau_stats(const tm_args *a, double *out) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    for (int i = 0; i < n; i++) {
+        if (a->keep_mode[i] == KEEP_NONE || !valid_dtype(a->base_dtype)) return TM_EINVAL;
+        for (int c = 0; c < TM_STAT_COLUMNS; c++) out[(size_t)i * TM_STAT_COLUMNS + c] = 0.0;
+    }
+    if (a->numel == 0 || n == 0) return TM_OK;
+    const int64_t chunks = (a->numel + TM_CHUNK - 1) / TM_CHUNK;
+    const size_t per_chunk = (size_t)n * TM_STAT_COLUMNS;
+    double *partial = malloc((size_t)chunks * per_chunk * sizeof(double));
+    if (!partial) return TM_ENOMEM;
+    int failed = 0;
+    int nt = a->n_threads > 0 ? a->n_threads : 1;
+    if (nt > chunks) nt = (int)chunks;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = malloc(scratch_floats() * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t c = 0; c < chunks; c++) {
+            if (!scratch) continue;
+            const int64_t start = c * TM_CHUNK, end = start + TM_CHUNK < a->numel ? start + TM_CHUNK : a->numel;
+            tm_tau_stats_range(a, start, end, scratch, partial + (size_t)c * per_chunk);
+        }
+        free(scratch);
+    }
+    if (!failed)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int i = 0; i < n; i++) {
+                const double *p = partial + (size_t)c * per_chunk + (size_t)i * TM_STAT_COLUMNS;
+                double *o = out + (size_t)i * TM_STAT_COLUMNS;
+                o[0] += p[0];
+                o[1] += p[1];
+                o[2] += p[2];
+                o[3] += p[3];
+                o[4] = p[4] > o[4] ? p[4] : o[4];
+                o[5] += p[5];
+                o[6] += p[6];
+            }
+    for (int i = 0; i < n; i++) /* a NaN entry makes Σ|x| NaN; the comparisons above skipped it */
+        if (isnan(out[(size_t)i * TM_STAT_COLUMNS + 3])) out[(size_t)i * TM_STAT_COLUMNS + 4] = NAN;
+    free(partial);
+    return failed ? TM_ENOMEM : TM_OK;
 }

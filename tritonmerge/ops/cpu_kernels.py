@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 MAX_EXPERTS = 16
-ABI_VERSION = 1
+ABI_VERSION = 2
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 
@@ -82,6 +82,7 @@ class Args(ctypes.Structure):
         ("seg_ties", ctypes.c_void_p),
         ("n_segments", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
+        ("nonfinite", ctypes.c_void_p),
     ]
 
 
@@ -187,9 +188,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_hist_low.argtypes = [p_args, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_segment_count.argtypes = [ctypes.c_int64, ctypes.c_int32]
     lib.tm_segment_count.restype = ctypes.c_int32
-    lib.tm_topk_select.argtypes = [p_args, ctypes.c_uint32] + [ctypes.c_void_p] * 5
+    lib.tm_topk_select.argtypes = [p_args, ctypes.c_uint32] + [ctypes.c_void_p] * 5 + [ctypes.c_uint32, ctypes.c_void_p]
     lib.tm_merge.argtypes = [p_args]
     lib.tm_abs_sums.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tm_tau_stats.argtypes = [p_args, ctypes.c_void_p]
+    lib.tm_tau_stats.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     lib.tm_count_nonfinite.restype = ctypes.c_int64
     for fn in (lib.tm_hist_high, lib.tm_hist_low, lib.tm_topk_select, lib.tm_merge, lib.tm_abs_sums):
@@ -326,9 +329,29 @@ def hist_low(
     return out
 
 
-def topk_select(args: Args, which: Sequence[int], k: Sequence[int]) -> tuple[list[float], list[int], list[int]]:
+# How tm_topk_select found each threshold (TM_PATH_* in merge_cpu.c), for tests and profiling:
+# "bracket/P" = the sample bracket resolved it after P passes over the data (1 in the common case).
+_SELECT_PATHS = {0: "none", 1: "quickselect", 2: "histogram", 3: "histogram-fallback"}
+
+
+def _select_path(code: int) -> str:
+    return f"bracket/{code - 10}" if code > 10 else _SELECT_PATHS.get(code, str(code))
+
+
+# tm_topk_select flags (tests): skip the bracket; a one-value bracket (misses on continuous data);
+# 64-entry candidate buffers (overflows, narrowing passes).
+SELECT_NO_SAMPLE, SELECT_NARROW, SELECT_TINY = 1, 2, 4
+
+
+def topk_select(
+    args: Args, which: Sequence[int], k: Sequence[int], *, flags: int = 0
+) -> tuple[list[float], list[int], list[int]]:
     """For experts in ``which``: the exact k-th largest |τ| (as ops.select.kth_largest), the number
     of entries strictly greater, and the number equal to it (other entries of the lists are 0).
+
+    Large tensors take a sample bracket and one pass over base + experts (two histogram passes
+    for an expert whose bracket fails); small ones a quickselect. ``args._select_paths`` records
+    per expert which way was taken (e.g. "bracket/1", "histogram"); ``flags`` (SELECT_*) are for tests.
 
     Also stores in ``args`` the count of entries equal to the threshold per segment, so that
     ``merge(args)`` keeps the lowest-index ties without another read; ``args`` then refers to a
@@ -342,14 +365,16 @@ def topk_select(args: Args, which: Sequence[int], k: Sequence[int]) -> tuple[lis
     thr = (ctypes.c_float * MAX_EXPERTS)()
     greater = (ctypes.c_int64 * MAX_EXPERTS)()
     tied = (ctypes.c_int64 * MAX_EXPERTS)()
+    paths = (ctypes.c_int32 * MAX_EXPERTS)()
     segments = lib.tm_segment_count(args.numel, args.n_threads)
     seg_ties = (ctypes.c_int64 * (segments * max(n, 1)))()
     rc = lib.tm_topk_select(
         ctypes.byref(args), mask, ctypes.addressof(kk), ctypes.addressof(thr), ctypes.addressof(greater),
-        ctypes.addressof(tied), ctypes.addressof(seg_ties),
+        ctypes.addressof(tied), ctypes.addressof(seg_ties), flags, ctypes.addressof(paths),
     )
     _check(rc, "topk_select")
     args._seg_ties = seg_ties  # ctypes.Structure instances take extra attributes: keeps the buffer alive
+    args._select_paths = [_select_path(int(v)) for v in list(paths)[:n]]
     args.seg_ties = ctypes.addressof(seg_ties)
     args.n_segments = segments
     return list(thr)[:n], list(greater)[:n], list(tied)[:n]
@@ -364,9 +389,29 @@ def abs_sums(args: Args) -> tuple[list[float], list[float]]:
     return list(before)[:n], list(after)[:n]
 
 
-def merge(args: Args) -> None:
-    """Run the fused merge described by ``args`` (output written through ``args.out``)."""
-    _check(library().tm_merge(ctypes.byref(args)), "merge")
+def merge(args: Args) -> int:
+    """Run the fused merge described by ``args`` (output written through ``args.out``); returns
+    the number of NaN/Inf entries it wrote (counted in the same pass, while the data is in L1)."""
+    count = ctypes.c_int64(0)
+    args.nonfinite = ctypes.addressof(count)
+    try:
+        _check(library().tm_merge(ctypes.byref(args)), "merge")
+    finally:
+        args.nonfinite = None
+    return int(count.value)
+
+
+def tau_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None) -> torch.Tensor:
+    """[N, 7] float64 statistics of τᵢ = expertᵢ − base (ops/stats.STAT_COLUMNS: count, Σx, Σx²,
+    Σ|x|, max|x|, Σx³, Σx⁴), τ formed in float64 as the reference does, in one read of base and
+    the experts (at most MAX_EXPERTS). Sums are in a fixed order (8 lanes per 64Ki-element
+    chunk, then chunks in order): independent of the thread count, different from torch's only
+    in the order of float64 additions."""
+    a, alive = make_args(base, experts, numel=base.numel(), threads=threads)
+    out = torch.empty((len(experts), 7), dtype=torch.float64)
+    _check(library().tm_tau_stats(ctypes.byref(a), out.data_ptr()), "tau_stats")
+    del alive
+    return out
 
 
 def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:

@@ -1,9 +1,13 @@
 """The "cpu" backend of the task-arithmetic family: the fused C loops of ops/cpu_kernels.py.
 
 One tensor costs one read of base + N experts for the merge itself, plus, for exact per-tensor
-top-k (TIES/magnitude, ``topk_scope="tensor"``), two histogram reads that find each expert's
-threshold (radix select on the float32 bits, ops/select's tie rule), and for ``rescale="l1"`` one
-more read for the norms. Task vectors are never materialised and no N-way stack is built.
+top-k (TIES/magnitude, ``topk_scope="tensor"``), usually one more read that finds every expert's
+threshold (a 1/64 sample brackets it, one pass counts and collects the entries in the bracket,
+an exact selection among those finishes; ops/select's tie rule; the two-pass radix select on the
+float32 bits remains as the fallback), and for ``rescale="l1"`` one more read for the norms.
+Task vectors are never materialised and no N-way stack is built. The merge also counts the
+NaN/Inf it writes (``known_nonfinite``), and ``task_vector_stats_cpu`` gives ops/stats'
+per-expert moments in one read.
 
 Results equal the torch reference (methods/task_arithmetic.merge_family / merge_linear) bit for
 bit: same float32 operations in the same order, then the same rounding to the base's dtype. The
@@ -16,6 +20,7 @@ Not covered (the torch reference runs instead): breadcrumbs and DELLA sparsifica
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -44,6 +49,32 @@ FAMILY_MEMBERS = {
     "della": ("della", True),
     "della_linear": ("della", False),
 }
+
+
+# id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
+# counted in the merge pass itself. Keyed by id (a tensor's == is elementwise, so it cannot be a
+# WeakKeyDictionary key); an entry goes when its tensor does.
+_NONFINITE: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def known_nonfinite(out: torch.Tensor) -> int | None:
+    """The number of NaN/Inf entries of ``out`` if the fused CPU merge produced it (and it was
+    not modified since), else None. Lets the engine skip a read of the output for its
+    finiteness check: ``n = known_nonfinite(out); ok = n == 0 if n is not None else all_finite(out)``."""
+    entry = _NONFINITE.get(id(out))
+    if entry is None or entry[0]() is not out or out._version != entry[1]:
+        return None
+    return entry[2]
+
+
+def _remember_nonfinite(out: torch.Tensor, count: int) -> None:
+    key = id(out)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _NONFINITE.get(key, (None,))[0] is ref:
+            del _NONFINITE[key]
+
+    _NONFINITE[key] = (weakref.ref(out, forget), out._version, count)
 
 
 def _tensor_reasons(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[str]:
@@ -109,7 +140,7 @@ def gta_cpu(
 
     if family.sparsify is not None and numel > 0:
         _set_keep_rules(a, p, ctx, family, n, numel)
-    ck.merge(a)
+    _remember_nonfinite(out, ck.merge(a) if numel > 0 else 0)
     del alive
     return out
 
@@ -171,8 +202,7 @@ def linear_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx:
             raise ParameterError(f"linear: the weights sum to {denominator}; cannot normalise (set normalize=false)")
         a.divide = ck.DIV_CONSTANT
         a.divide_constant = denominator
-    if base.numel() > 0:
-        ck.merge(a)
+    _remember_nonfinite(out, ck.merge(a) if base.numel() > 0 else 0)
     del alive
     return out
 
@@ -236,6 +266,25 @@ def model_thresholds_cpu(
         lo = int(torch.nonzero(low_above >= remaining[i]).max())
         thresholds.append(float(torch.tensor([(bins[i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
     return thresholds
+
+
+def task_vector_stats_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """ops/stats.task_vector_stats_reference on the fused CPU loop: [N, 7] float64 (count, Σx,
+    Σx², Σ|x|, max|x|, Σx³, Σx⁴ of τᵢ = expertᵢ − base in float64), reading base once per 16
+    experts and each expert once, without materialising τ.
+
+    count and max|x| are exact; the sums differ from the reference's only by the order of the
+    float64 additions: |got − ref| ≤ ~1e-12 · Σ|x|ᵖ for the p-th power column (tested at 1e-10
+    relative to Σ|x|ᵖ). Tensors the C loop does not take (not CPU, float64 or other dtypes, a
+    shape differing from base's, or the library unavailable) go to the reference."""
+    from .stats import task_vector_stats_reference
+
+    experts = list(experts)
+    supported = all(_fast(base, experts[g : g + ck.MAX_EXPERTS]) for g in range(0, len(experts), ck.MAX_EXPERTS))
+    if not experts or not supported or any(e.shape != base.shape for e in experts):
+        return task_vector_stats_reference(base, experts)
+    rows = [ck.tau_stats(base, experts[g : g + ck.MAX_EXPERTS]) for g in range(0, len(experts), ck.MAX_EXPERTS)]
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def register_cpu_impl(method, family) -> None:

@@ -214,6 +214,10 @@ def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, ba
         from ..kernels.stats import task_stats_triton
 
         return task_stats_triton(base, experts)[0]
+    if base.device.type == "cpu" and all(e.device.type == "cpu" for e in experts):
+        from .cpu_merge import task_vector_stats_cpu  # falls back to the reference where the C loops can't run
+
+        return task_vector_stats_cpu(base, experts)
     return task_vector_stats_reference(base, experts)
 
 
