@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,9 +61,8 @@ def write_summary():
     yield
     if not RESULTS:
         return
-    out_dir = Path(os.environ.get("TRITONMERGE_BENCH_RESULTS", Path(__file__).parent / "results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{machine.cpu_model()}-{torch.get_num_threads()}t".lower()).strip("-")
+    out_dir = machine.results_dir()
+    slug = machine.slug(f"{machine.cpu_model()}-{torch.get_num_threads()}t")
     summary = {
         "benchmark": "cpu_ties",
         "machine": _machine(),

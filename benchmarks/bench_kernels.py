@@ -27,8 +27,6 @@ import contextlib
 import json
 import os
 import platform
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -92,10 +90,9 @@ def write_summary(kernels_ready):
         return
     import triton
 
-    out_dir = Path(os.environ.get("TRITONMERGE_BENCH_RESULTS", Path(__file__).parent / "results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = machine.results_dir()
     name = _device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = machine.slug(name)
     summary = {
         "device": name,
         "torch": torch.__version__,

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -73,9 +71,8 @@ def write_summary():
     yield
     if not RESULTS:
         return
-    out_dir = Path(os.environ.get("TRITONMERGE_BENCH_RESULTS", Path(__file__).parent / "results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", _device_name().lower()).strip("-")
+    out_dir = machine.results_dir()
+    slug = machine.slug(_device_name())
     ext, why = extension_status()
     summary = {
         "benchmark": "wudi",
