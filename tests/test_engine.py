@@ -288,8 +288,15 @@ def test_existing_output_refused_then_overwritten(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
         run_merge(str(cfg), out, MergeOptions(**QUIET))
     assert (out / "keep.txt").exists() and not partial_dir(out).exists()
-    run_merge(str(cfg), out, MergeOptions(overwrite=True, **QUIET))
+    # a folder that is not an earlier tritonmerge output needs a second, explicit flag
+    with pytest.raises(CheckpointError, match="not a tritonmerge output.*keep.txt.*--force-overwrite"):
+        run_merge(str(cfg), out, MergeOptions(overwrite=True, **QUIET))
+    assert (out / "keep.txt").read_text() == "old" and not partial_dir(out).exists()
+    run_merge(str(cfg), out, MergeOptions(overwrite=True, force_overwrite=True, **QUIET))
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    # an earlier output is replaced with --overwrite alone
+    run_merge(str(cfg), out, MergeOptions(overwrite=True, **QUIET))
+    assert (out / "model.safetensors.index.json").exists()
 
 
 def test_not_enough_disk(tmp_path, tiny, monkeypatch):

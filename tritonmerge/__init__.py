@@ -1,37 +1,54 @@
 """tritonmerge: a kernel-accelerated model-merging engine.
 
 Public API: ``merge_tensors``, ``merge_state_dicts``, ``list_methods``, ``get_method``,
-``describe``. Nothing GPU-related is imported here.
+``describe``, ``run_merge``. Nothing GPU-related is imported here, and nothing that imports
+torch is imported until a name that needs it is used: ``tritonmerge --help`` and ``--version``
+answer without loading torch.
 """
 
-from .api import describe, merge_state_dicts, merge_tensors
-from .context import MergeReport
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
     ConfigError,
     InputError,
+    NonFiniteInputError,
     NonFiniteResultError,
     ParameterError,
     TritonMergeError,
     UnknownMethodError,
 )
-from .registry import get_method, list_methods
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "merge_tensors": "api",
+    "merge_state_dicts": "api",
+    "describe": "api",
+    "MergeReport": "context",
+    "get_method": "registry",
+    "list_methods": "registry",
+    "run_merge": "engine",
+    "MergeOptions": "engine",
+    "plan_merge": "engine",
+    "load_config": "config",
+}
 
 
 def __getattr__(name: str):
-    # The disk engine pulls in the IO stack; load it only when asked for.
-    if name in ("run_merge", "MergeOptions", "plan_merge"):
-        from . import engine
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tritonmerge' has no attribute {name!r}")
+    import importlib
 
-        return getattr(engine, name)
-    if name == "load_config":
-        from .config import load_config
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return load_config
-    raise AttributeError(f"module 'tritonmerge' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "merge_tensors",
@@ -51,6 +68,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "ConfigError",
+    "NonFiniteInputError",
     "NonFiniteResultError",
     "__version__",
 ]

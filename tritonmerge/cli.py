@@ -32,12 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; must not exist unless --overwrite/--resume)")
     m.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default: cpu)")
     m.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    m.add_argument("--disk-margin", default="64MiB", help="free space to leave on the output disk after the merge; a merge that would leave less is refused before it starts (default: 64MiB)")
     m.add_argument("--memory-budget", default="256MiB", help="input bytes (all models) per work unit before a tensor is merged in row chunks, where its method allows (default: 256MiB)")
     m.add_argument("--backend", default=None, help="auto | cuda | triton | cpu | torch (default: TRITONMERGE_BACKEND or auto)")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, memory, output size) and exit")
     m.add_argument("--resume", action="store_true", help="continue an interrupted merge, keeping verified shards")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    m.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results with a warning instead of stopping")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is a previous tritonmerge output (or empty); never an input")
+    m.add_argument("--force-overwrite", action="store_true", help="with --overwrite: also replace an output folder that is not a tritonmerge output (it still may not be, hold or lie inside an input)")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf inputs and write NaN/Inf results with a warning instead of stopping")
     m.add_argument("--no-prefetch", action="store_true", help="read inputs on the main thread (less memory, slower)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
 
@@ -92,13 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(info_text())
             return 0
     except TritonMergeError as exc:
-        print(f"tritonmerge: error: {exc}", file=sys.stderr)
+        print(f"tritonmerge: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tritonmerge: interrupted (an unfinished merge can be continued with --resume)", file=sys.stderr)
+        # the engine has said what it kept of an unfinished merge
+        print("tritonmerge: interrupted", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
+
+
+def one_line(text: str) -> str:
+    """Errors are printed on one line, whatever the message (a YAML parser's, say) holds."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -108,10 +116,12 @@ def _merge(args: argparse.Namespace) -> int:
         device=args.device,
         out_shard_size=args.out_shard_size,
         memory_budget=args.memory_budget,
+        disk_margin=args.disk_margin,
         backend=args.backend,
         dry_run=args.dry_run,
         resume=args.resume,
         overwrite=args.overwrite,
+        force_overwrite=args.force_overwrite,
         allow_nonfinite=args.allow_nonfinite,
         quiet=args.quiet,
         prefetch=not args.no_prefetch,

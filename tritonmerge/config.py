@@ -18,6 +18,7 @@ mergekit's L1-norm matching), and for the consensus methods ``normalize`` mapped
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -64,6 +65,11 @@ _MERGEKIT_GTA: dict[str, tuple[bool, bool, bool]] = {
     "della": (True, True, True),
     "della_linear": (False, False, True),
 }
+# mergekit 0.1.5's methods that tritonmerge does not implement: named as such, so a user is not
+# told "did you mean 'slerp'?" for a method that exists, just not here
+MERGEKIT_ONLY_METHODS = (
+    "arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce",
+)
 # mergekit options that change memory use only, never the result
 _IGNORED_MERGEKIT_PARAMS = {"int8_mask"}
 
@@ -100,6 +106,7 @@ class MergeConfig:
     out_dtype: torch.dtype | None = None
     tokenizer_source: str = "base"
     raw: dict[str, Any] = field(default_factory=dict)
+    source_path: Path | None = None  # the YAML file it was read from, if any
     # user-facing parameter names -> True if per-model
     _per_model: dict[str, bool] = field(default_factory=dict)
     _literal_lists: set[str] = field(default_factory=set)
@@ -329,13 +336,51 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], *, config_dir: st
             cdir = cdir or p.resolve().parent
         else:
             text = str(source)
+        where = f"config file {p}" if p is not None else "the config"
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"the config is not valid YAML: {exc}") from None
+            raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{where} is nested too deeply to be a merge config (a YAML depth bomb?)") from None
         if not isinstance(raw, dict):
             raise ConfigError("the config must be a YAML mapping with at least merge_method and models")
-    return _build(raw, cdir)
+    _check_depth(raw)
+    cfg = _build(raw, cdir)
+    if not isinstance(source, Mapping) and p is not None:
+        cfg.source_path = p.resolve()
+    return cfg
+
+
+MAX_CONFIG_DEPTH = 32  # mergekit configs nest 5 or 6 levels; anything near this is not a config
+
+
+def _check_depth(raw: Any) -> None:
+    """Refuse absurdly nested configs up front (iteratively), before recursive code sees them."""
+    stack = [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"the config is nested more than {MAX_CONFIG_DEPTH} levels deep; a merge config never is")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML parser error as one line: what went wrong and where (line, column)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return problem
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
@@ -343,10 +388,19 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
         if key in UNSUPPORTED_KEYS:
             raise ConfigError(f"config key {key!r}: {UNSUPPORTED_KEYS[key]}")
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+            raise ConfigError(
+                f"unknown config key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+            )
     method_name = raw.get("merge_method")
     if not isinstance(method_name, str):
         raise ConfigError("merge_method is required (e.g. merge_method: ties)")
+    if method_name in MERGEKIT_ONLY_METHODS:
+        from .registry import list_methods
+
+        raise ConfigError(
+            f"merge_method {method_name!r} is a mergekit method that tritonmerge does not implement; "
+            f"tritonmerge implements: {', '.join(list_methods())}"
+        )
     try:
         spec = get_method(method_name)
     except TritonMergeError as exc:
@@ -366,7 +420,11 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
             raise ConfigError(f"models[{i}]: expected `model: PATH` with optional `parameters`, got {m!r}")
         extra = set(m) - {"model", "parameters"}
         if extra:
-            raise ConfigError(f"models[{i}]: unknown key(s) {sorted(extra)}; allowed: model, parameters")
+            first = sorted(extra)[0]
+            raise ConfigError(
+                f"models[{i}]: unknown key(s) {sorted(extra)}{did_you_mean(first, ('model', 'parameters'))}; "
+                f"allowed: model, parameters"
+            )
         name, path = resolve_model_path(m["model"], cdir, f"models[{i}]")
         params = m.get("parameters") or {}
         if not isinstance(params, dict):
@@ -430,7 +488,8 @@ def _classify_params(cfg: MergeConfig) -> None:
     for pname in cfg.parameters:
         if pname not in allowed and pname not in mergekit_extra:
             raise ConfigError(
-                f"{cfg.merge_method}: unknown parameter {pname!r} in parameters; allowed: {', '.join(sorted(allowed))}"
+                f"{cfg.merge_method}: unknown parameter {pname!r} in parameters{did_you_mean(pname, allowed)}; "
+                f"allowed: {', '.join(sorted(allowed))}"
             )
     for m in cfg.experts:
         for pname in m.parameters:
@@ -438,7 +497,8 @@ def _classify_params(cfg: MergeConfig) -> None:
                 continue
             if pname not in allowed:
                 raise ConfigError(
-                    f"{cfg.merge_method}: unknown parameter {pname!r} for model {m.name!r}; allowed: {', '.join(sorted(allowed))}"
+                    f"{cfg.merge_method}: unknown parameter {pname!r} for model {m.name!r}{did_you_mean(pname, allowed)}; "
+                    f"allowed: {', '.join(sorted(allowed))}"
                 )
             if not per_model[pname]:
                 raise ConfigError(

@@ -41,11 +41,24 @@ from . import __version__
 from .api import all_finite, merge_one
 from .config import MergeConfig, load_config, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
-from .errors import CheckpointError, ConfigError, NonFiniteResultError
+from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, TritonMergeError
 from .io import folder as outfolder
 from .io.index import CheckpointIndex, dtype_name, itemsize, open_checkpoint
 from .io.reader import Prefetcher, TensorReader
-from .io.writer import Manifest, OutputEntry, ShardPlan, ShardedWriter, commit, parse_size, partial_dir, plan_shards, write_index
+from .io.lock import OutputLock
+from .io.writer import (
+    MANIFEST_NAME,
+    Manifest,
+    OutputEntry,
+    ShardPlan,
+    ShardedWriter,
+    commit,
+    parse_size,
+    partial_dir,
+    plan_shards,
+    replaced_dir,
+    write_index,
+)
 from .registry import Composite
 
 log = logging.getLogger("tritonmerge")
@@ -62,6 +75,9 @@ class MergeOptions:
     dry_run: bool = False
     resume: bool = False
     overwrite: bool = False
+    # with overwrite: also replace an output folder that is not a previous tritonmerge output
+    force_overwrite: bool = False
+    # skip the NaN/Inf check of inputs, and write NaN/Inf results with a warning
     allow_nonfinite: bool = False
     quiet: bool = False
     backend: str | None = None
@@ -72,8 +88,8 @@ class MergeOptions:
     # input bytes held (being merged + read ahead), in units of the largest work unit's inputs
     prefetch_depth: float = 2.0
     async_write: bool = True
-    # extra free bytes required on the output disk beyond the output's size
-    disk_margin: int = 64 << 20
+    # free bytes left on the output disk after the output is written
+    disk_margin: int | str = "64MiB"
 
 
 @dataclass
@@ -219,12 +235,12 @@ def _check_compatible(base: CheckpointIndex, experts: Sequence[CheckpointIndex],
                 ):
                     raise CheckpointError(
                         f"vocabulary size mismatch: tensor {name!r} has {t.shape[0]} rows (tokens) in {e.label} "
-                        f"({t.file}) but {b.shape[0]} in the base model {base.label}; the models use different "
+                        f"({t.file}) but {b.shape[0]} in {base.label}; the models use different "
                         f"tokenizers or added tokens, and tritonmerge merges only models with the base's vocabulary"
                     )
                 raise CheckpointError(
                     f"shape mismatch: tensor {name!r} is {list(t.shape)} in {e.label} ({t.file}) but "
-                    f"{list(b.shape)} in the base model {base.label} ({b.file})"
+                    f"{list(b.shape)} in {base.label} ({b.file})"
                 )
             if t.dtype != b.dtype:
                 if t.dtype.is_floating_point and b.dtype.is_floating_point:
@@ -232,7 +248,7 @@ def _check_compatible(base: CheckpointIndex, experts: Sequence[CheckpointIndex],
                 else:
                     raise CheckpointError(
                         f"dtype mismatch: tensor {name!r} is {dtype_name(t.dtype)} in {e.label} ({t.file}) but "
-                        f"{dtype_name(b.dtype)} in the base model {base.label}"
+                        f"{dtype_name(b.dtype)} in {base.label}"
                     )
     for m in sorted(mixed):
         notes.append(f"floating-point dtypes differ ({m}); all are merged in float32")
@@ -268,16 +284,20 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     writes nothing."""
     options = options or MergeOptions()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    out_dir = Path(out_dir).absolute()
+    # the real path: a link to a folder is followed, so the folder it names is replaced (the link
+    # stays valid) and the input checks compare what will actually be written
+    out_dir = Path(os.path.realpath(Path(out_dir).expanduser().absolute()))
     tmp_dir = partial_dir(out_dir)
     try:
         shard_bytes = parse_size(options.out_shard_size)
         budget = parse_size(options.memory_budget)
+        parse_size(options.disk_margin, allow_zero=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
     base = open_checkpoint(cfg.base.path, _label("base model", cfg.base.name))
     experts = [open_checkpoint(m.path, _label("model", m.name)) for m in cfg.experts]
+    _check_inputs_untouched(out_dir, cfg, [base, *experts])
     names = list(base.tensors)
     notes = _check_compatible(base, experts, names)
     n_experts = len(experts)
@@ -384,51 +404,141 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     return plan
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def _check_inputs_untouched(out_dir: Path, cfg: MergeConfig, models: Sequence[CheckpointIndex]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input (a model folder or file, a
+    weights file an index points to, the config file), with or without --overwrite: replacing it
+    would delete what the user gave us. Compared on real paths, so links cannot hide a match.
+    The partial folder beside the output and the one the old output is moved to count too."""
+    protected: list[tuple[str, Path]] = []
+    for m in models:
+        protected.append((f"the folder of {m.label}" if m.path.is_dir() else m.label, Path(os.path.realpath(m.path))))
+        protected += [(f"a weights file of {m.label}", Path(os.path.realpath(f))) for f in m.files]
+    if cfg.source_path is not None:
+        protected.append(("the config file", Path(os.path.realpath(cfg.source_path))))
+    written = [("OUT_DIR", out_dir), ("the partial folder", partial_dir(out_dir)), ("the replaced output", replaced_dir(out_dir))]
+    for what_out, target in written:
+        for what_in, src in protected:
+            if target == src:
+                relation = "is"
+            elif _inside(src, target):
+                relation = "contains"
+            elif _inside(target, src):
+                relation = "lies inside"
+            else:
+                continue
+            lead = f"output folder {out_dir}" if what_out == "OUT_DIR" else f"{what_out} of output folder {out_dir} ({target})"
+            raise CheckpointError(
+                f"{lead} {relation} {what_in} ({src}); inputs are never overwritten: choose an output folder outside every input"
+            )
+
+
+def _check_replaceable(folder: Path, force: bool, what: str) -> None:
+    """--overwrite deletes only a previous tritonmerge output (it has our manifest) or an empty
+    folder, unless --force-overwrite says the user means it."""
+    if force or (folder / MANIFEST_NAME).is_file() or not any(folder.iterdir()):
+        return
+    sample = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(
+        f"{what} {folder} is not a tritonmerge output (it has no {MANIFEST_NAME}) and holds {len(sample)} "
+        f"entr{'y' if len(sample) == 1 else 'ies'} (e.g. {', '.join(sample[:3])}); --overwrite replaces only "
+        f"earlier tritonmerge outputs: choose another folder, or add --force-overwrite to replace it"
+    )
+
+
 def _check_output(plan: MergePlan) -> str:
     """Refuse an existing output unless --overwrite/--resume; returns 'fresh', 'resume' or
-    'complete' (the output folder already holds this very merge)."""
+    'complete' (the output folder already holds this very merge). Reads only names and the
+    manifest, so it runs again once the lock is held."""
     opts, out, tmp = plan.options, plan.out_dir, plan.tmp_dir
+    overwrite = opts.overwrite or opts.force_overwrite
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is not a folder")
     if opts.resume and out.is_dir() and not tmp.exists():
         try:
-            data = json.loads((out / "tritonmerge_checksums.json").read_text(encoding="utf-8"))
+            data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             data = {}
         if data.get("plan") == plan.fingerprint:
             return "complete"
-        if not opts.overwrite:
+        if not overwrite:
             raise CheckpointError(
                 f"output folder {out} already exists and is not the finished output of this merge; "
                 f"use --overwrite to replace it"
             )
-    if out.exists() and not (opts.overwrite or opts.resume):
+    if out.exists() and not (overwrite or opts.resume):
         raise CheckpointError(f"output folder {out} already exists; use --overwrite to replace it or --resume to continue")
-    if out.exists() and opts.resume and not opts.overwrite:
+    if out.exists() and opts.resume and not overwrite:
         raise CheckpointError(
             f"output folder {out} already exists; --resume continues only an unfinished merge (add --overwrite to replace it)"
         )
+    if out.exists():
+        _check_replaceable(out, opts.force_overwrite, "output folder")
+    old = replaced_dir(out)
+    if old.exists():
+        _check_replaceable(old, False, "the folder an earlier output was moved to,")
     if tmp.exists():
+        if not tmp.is_dir():
+            raise CheckpointError(f"{tmp} (where the output is assembled) exists and is not a folder")
+        _check_replaceable(tmp, False, "the partial folder")
         if opts.resume:
             return "resume"
-        if not opts.overwrite:
+        if not overwrite:
             raise CheckpointError(
                 f"an unfinished merge into {out} was found in {tmp}; use --resume to continue it or --overwrite to start over"
             )
     return "fresh"
 
 
-def _check_disk(plan: MergePlan, already: int) -> None:
-    need = plan.output_bytes - already + plan.options.disk_margin
+def _size_text(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _check_disk(plan: MergePlan, already: int) -> str:
+    """Refuse when the output disk cannot take the rest of the output plus the margin; returns the
+    line ``--dry-run`` prints."""
+    margin = parse_size(plan.options.disk_margin, allow_zero=True)
+    to_write = plan.output_bytes - already
     probe = plan.out_dir.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if free < need:
-        raise CheckpointError(
-            f"not enough free disk for the output in {plan.out_dir.parent}: the merge writes "
-            f"{plan.output_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB are free"
-        )
+    done = f" ({_size_text(already)} already finished)" if already else ""
+    line = (
+        f"writes {_size_text(to_write)}{done} and keeps a margin of {_size_text(margin)} (--disk-margin) free: "
+        f"needs {_size_text(to_write + margin)}, {_size_text(free)} free in {probe}"
+    )
+    if free < to_write + margin:
+        raise CheckpointError(f"not enough free disk for the output: the merge {line}")
+    return line
+
+
+def _check_backend(plan: MergePlan, device: torch.device) -> None:
+    """An explicit backend that cannot run this merge on this device is refused before anything
+    is written (auto always finds one: the torch reference)."""
+    from . import backends
+
+    want = backends.requested_backend(plan.options.backend)
+    if want in ("auto", "torch"):
+        return
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    reason = None
+    if want in ("cuda", "triton") and device.type != "cuda" and not (want == "triton" and interpreted):
+        reason = f"it runs on CUDA devices and the merge runs on --device {plan.options.device}"
+    elif want == "cpu" and device.type != "cpu":
+        reason = f"it runs on the CPU and the merge runs on --device {plan.options.device}"
+    else:
+        status = {"triton": backends.triton_status, "cuda": lambda: backends.extension_status()[1], "cpu": backends.cpu_status}
+        reason = status[want]()
+    if reason is None:
+        inner, _ = plan.config.spec.innermost(next(iter(plan.params.values())))
+        if inner.implementation(want) is None:
+            reason = f"{inner.name} has no {want} implementation"
+    if reason:
+        raise ConfigError(f"backend {want!r} cannot run this merge: {reason}; leave --backend unset (auto) to let tritonmerge choose")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,8 +549,9 @@ class StreamingSource:
     """``TensorSource`` over checkpoints on disk; reads the next name in ``names`` order on a
     background thread while the caller works on the current one."""
 
-    def __init__(self, plan: MergePlan, reader: TensorReader, device: torch.device) -> None:
+    def __init__(self, plan: MergePlan, reader: TensorReader, device: torch.device, checked: set[str] | None = None) -> None:
         self._plan = plan
+        self._checked = checked
         self._reader = reader
         self._device = device
         self.names = list(plan.names)
@@ -456,7 +567,7 @@ class StreamingSource:
         return self._plan.base.tensors[name].dtype
 
     def _read(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return _read_unit(self._plan, self._reader, WorkUnit(name, None, 0, 0))
+        return _read_unit(self._plan, self._reader, WorkUnit(name, None, 0, 0), self._checked)
 
     def load(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._ahead is not None and self._ahead[0] == name:
@@ -481,10 +592,34 @@ class StreamingSource:
         self._pool.shutdown(wait=True)
 
 
-def _read_unit(plan: MergePlan, reader: TensorReader, unit: WorkUnit) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _read_unit(
+    plan: MergePlan, reader: TensorReader, unit: WorkUnit, checked: set[str] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Read one unit of every model. Runs on the prefetch thread, so the NaN/Inf check of the
+    inputs overlaps the merge of the previous unit; ``checked`` holds the tensors already checked
+    whole (by the analysis pass), which are not checked twice."""
     base = reader.read(plan.base.tensors[unit.name], unit.rows, plan.base.label)
     experts = [reader.read(e.tensors[unit.name], unit.rows, e.label) for e in plan.experts]
+    if not plan.options.allow_nonfinite and (checked is None or unit.name not in checked):
+        for model, t in zip((plan.base, *plan.experts), (base, *experts)):
+            _check_input_finite(model, unit, t)
+        if checked is not None and unit.rows is None:
+            checked.add(unit.name)
     return base, experts
+
+
+def _check_input_finite(model: CheckpointIndex, unit: WorkUnit, t: torch.Tensor) -> None:
+    """Non-finite values are refused where they enter: once merged, a top-k or a sign election can
+    hide them, and the output check could no longer say which model holds them."""
+    if not t.is_floating_point() or all_finite(t):
+        return
+    info = model.tensors[unit.name]
+    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    rows = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
+    raise NonFiniteInputError(
+        f"{model.label} ({model.path}) holds {n_nan} NaN and {n_inf} Inf value(s) in tensor {unit.name!r}{rows}, "
+        f"file {info.file.name}; refusing to merge it (pass --allow-nonfinite to merge it as it is)"
+    )
 
 
 def _to_device(
@@ -533,20 +668,54 @@ def run_merge(
     """Merge the checkpoints named by ``config`` into ``out_dir`` (see the module docstring).
 
     ``config``: a ``MergeConfig``, a YAML path or string, or a dict in mergekit's schema.
-    With ``options.dry_run`` the plan is printed and nothing is read or written."""
+    With ``options.dry_run`` the plan is printed and nothing is read or written.
+
+    Every check that needs no tensor data (options, backend, config, headers, inputs against the
+    output, the output's state, free disk, the lock) runs before the partial folder is created,
+    so a refused run leaves nothing behind and the corrected command simply works."""
     options = options or MergeOptions()
     say = echo or (lambda s: None if options.quiet else print(s, file=sys.stderr))
     device = _device(options.device)
     plan = plan_merge(config, out_dir, options)
+    _check_backend(plan, device)
     state = _check_output(plan)
     if options.dry_run:
         print(plan.describe())
+        print(f"disk:          {_check_disk(plan, 0)}")
         return MergeResult(out_dir=plan.out_dir, plan=plan)
     if state == "complete":
         say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
         return MergeResult(out_dir=plan.out_dir, plan=plan)
 
-    tmp = plan.tmp_dir
+    created = _make_parents(plan.out_dir.parent)
+    try:
+        with OutputLock(plan.out_dir):
+            # again, now that no one else can change it: another run may have finished meanwhile
+            state = _check_output(plan)
+            if state == "complete":
+                say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
+                return MergeResult(out_dir=plan.out_dir, plan=plan)
+            return _run_locked(plan, state, device, say)
+    finally:
+        for folder in reversed(created):  # only the ones this run made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable[[str], None]) -> MergeResult:
+    options, tmp = plan.options, plan.tmp_dir
     manifest = Manifest(tmp, plan.fingerprint)
     done_shards: set[str] = set()
     if state == "resume":
@@ -554,10 +723,10 @@ def run_merge(
     already = sum(s.file_bytes for s in plan.shards if s.filename in done_shards)
     _check_disk(plan, already)
 
-    # -- heavy work starts here ------------------------------------------------------------
+    # -- the partial folder is touched from here on ------------------------------------------
     if state == "fresh" and tmp.exists():
-        shutil.rmtree(tmp)  # --overwrite: a stale partial folder is discarded
-    tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp)  # --overwrite: a stale partial folder (ours, checked) is discarded
+    tmp.mkdir(exist_ok=True)
     for s in plan.shards:
         if s.filename not in done_shards and (tmp / s.filename).exists():
             (tmp / s.filename).unlink()
@@ -570,22 +739,44 @@ def run_merge(
     t0 = time.perf_counter()
     result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done_shards))
     try:
-        decisions = ModelDecisions()
-        if plan.needs_analysis:
-            say(f"analysis pass over {len(plan.names)} tensors ...")
-            source = StreamingSource(plan, reader, device)
-            try:
-                decisions = _analyze(plan, source)
-            finally:
-                source.close()
-        report.decisions = decisions
-        _merge_pass(plan, reader, device, decisions, report, manifest, done_shards, result)
-    finally:
-        reader.close()
-    result.seconds = time.perf_counter() - t0
-    _finalize(plan, decisions, manifest)
-    commit(tmp, plan.out_dir, overwrite=options.overwrite)
+        try:
+            decisions = ModelDecisions()
+            checked: set[str] = set()
+            if plan.needs_analysis:
+                say(f"analysis pass over {len(plan.names)} tensors ...")
+                source = StreamingSource(plan, reader, device, checked)
+                try:
+                    decisions = _analyze(plan, source)
+                finally:
+                    source.close()
+            report.decisions = decisions
+            _merge_pass(plan, reader, device, decisions, report, manifest, done_shards, result, checked)
+        finally:
+            reader.close()
+        result.seconds = time.perf_counter() - t0
+        _finalize(plan, decisions, manifest)
+        commit(tmp, plan.out_dir, overwrite=options.overwrite or options.force_overwrite)
+    except BaseException as exc:
+        note = _keep_or_discard_partial(plan, manifest)
+        if isinstance(exc, TritonMergeError):
+            raise type(exc)(f"{exc}; {note}") from None
+        if isinstance(exc, KeyboardInterrupt) and not options.quiet:
+            print(f"tritonmerge: interrupted; {note}", file=sys.stderr)
+        raise
     return result
+
+
+def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest) -> str:
+    """After a failed run: keep the partial folder when it holds finished shards (for --resume),
+    remove it when it holds nothing worth resuming. Returns what was done, for the error."""
+    kept = len(manifest.shards)
+    if kept:
+        return (
+            f"finished shards were kept ({kept} of {len(plan.shards)}) in {plan.tmp_dir}; "
+            f"run again with --resume to continue"
+        )
+    shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+    return "no shard was finished, so nothing was kept"
 
 
 def _analyze(plan: MergePlan, source: StreamingSource) -> ModelDecisions:
@@ -603,6 +794,7 @@ def _merge_pass(
     manifest: Manifest,
     done_shards: set[str],
     result: MergeResult,
+    checked: set[str] | None = None,
 ) -> None:
     opts = plan.options
     skip_names = {e.name for s in plan.shards if s.filename in done_shards for e in s.entries}
@@ -623,7 +815,7 @@ def _merge_pass(
     spec = plan.config.spec
     prefetch = Prefetcher(
         units,
-        load=lambda u: _read_unit(plan, reader, u),
+        load=lambda u: _read_unit(plan, reader, u, checked),
         cost=lambda u: u.in_bytes,
         budget_bytes=plan.prefetch_budget,
         enabled=opts.prefetch,
@@ -649,8 +841,7 @@ def _merge_pass(
                 msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
                 if not opts.allow_nonfinite:
                     raise NonFiniteResultError(
-                        f"{msg}; check the inputs and parameters, or pass --allow-nonfinite to write it anyway. "
-                        f"Finished shards are kept in {plan.tmp_dir} for --resume"
+                        f"{msg}; check the parameters, or pass --allow-nonfinite to write it anyway"
                     )
                 if unit.name not in result.nonfinite:
                     result.nonfinite.append(unit.name)

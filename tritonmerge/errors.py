@@ -36,3 +36,11 @@ class ConfigError(TritonMergeError, ValueError):
 
 class NonFiniteResultError(TritonMergeError, FloatingPointError):
     """A merge produced NaN or Inf."""
+
+
+class NonFiniteInputError(TritonMergeError, FloatingPointError):
+    """An input checkpoint holds NaN or Inf; the message names the model, file and tensor."""
+
+
+class OutputLockedError(CheckpointError):
+    """Another tritonmerge process is writing the same output folder."""

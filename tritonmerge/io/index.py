@@ -137,7 +137,7 @@ def read_safetensors_header(path: Path, label: str) -> tuple[dict[str, TensorInf
     except OSError as exc:
         raise CheckpointError(f"{label}: cannot read {path}: {exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
@@ -170,8 +170,42 @@ def read_safetensors_header(path: Path, label: str) -> tuple[dict[str, TensorInf
                 f"but the file has {size}"
             )
         tensors[name] = info
-    ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
+    ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)))
+    _check_layout(ordered, data_start, data_size, path, label)
     return ordered, metadata
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_start: int, data_size: int, path: Path, label: str) -> None:
+    """The safetensors library's own rule: in offset order, every tensor starts where the previous
+    one ended, and the last one ends at the end of the file. Overlapping ranges would let two
+    names share bytes, and gaps or trailing bytes hide data no header describes."""
+    expected = 0
+    previous = None
+    for name, info in tensors.items():
+        begin, end = info.start - data_start, info.end - data_start
+        if begin != expected:
+            if begin < expected:
+                what = f"overlaps tensor {previous!r} (which ends at {expected})"
+            else:
+                what = f"leaves {begin - expected} byte(s) after {f'tensor {previous!r}' if previous else 'the header'} that no tensor describes"
+            raise CheckpointError(
+                f"{label}: {path}, tensor {name!r}: corrupt header: its byte range [{begin}, {end}) {what}"
+            )
+        expected, previous = end, name
+    if expected != data_size:
+        raise CheckpointError(
+            f"{label}: {path} is corrupt: {data_size - expected} byte(s) at the end of the file belong to no tensor "
+            f"of its header"
+        )
 
 
 def _bin_header(path: Path, label: str) -> dict[str, TensorInfo]:
@@ -215,6 +249,7 @@ def _from_index_file(index_path: Path, label: str, reader) -> tuple[dict[str, Te
     files: list[Path] = []
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
+        _check_index_entry(name, fname, index_path, label)
         by_file.setdefault(fname, []).append(name)
     tensors: dict[str, TensorInfo] = {}
     for fname, names in by_file.items():
@@ -233,6 +268,21 @@ def _from_index_file(index_path: Path, label: str, reader) -> tuple[dict[str, Te
                 )
             tensors[name] = header[name]
     return tensors, files
+
+
+def _check_index_entry(name: Any, fname: Any, index_path: Path, label: str) -> None:
+    """An index may only name files inside its own folder: a ``weight_map`` entry that is
+    absolute or climbs out with ``..`` would make the merge read (and mix in) any file on the
+    machine. Checked on the text, not on resolved links, so a Hugging Face cache folder (whose
+    files are links into a blob store) still opens."""
+    if not isinstance(fname, str) or not fname or "\x00" in fname:
+        raise CheckpointError(f"{label}: {index_path}: weight_map entry for tensor {name!r} is not a file name: {fname!r}")
+    parts = Path(fname).parts
+    if os.path.isabs(fname) or fname.startswith("~") or ".." in parts or "\\" in fname:
+        raise CheckpointError(
+            f"{label}: {index_path}: weight_map entry for tensor {name!r} names {fname!r}, which is not a file "
+            f"inside the model folder {index_path.parent}; refusing to read it"
+        )
 
 
 def _safetensors_reader(path: Path, label: str) -> dict[str, TensorInfo]:

@@ -14,6 +14,7 @@ bytes as an uninterrupted one. Everything goes into a hidden folder beside the o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -65,9 +66,11 @@ class ShardPlan:
         return 8 + len(self.header) + self.data_bytes
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
     """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``"5B"`` (bytes, like mergekit) / ``1000`` -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0 or (text == 0 and not allow_zero):
+            raise ValueError(f"size {text!r} must be positive")
         return text
     s = str(text).strip().upper().replace(" ", "")
     units = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("TB", 10**12), ("GB", 10**9),
@@ -82,7 +85,7 @@ def parse_size(text: str | int) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a size; write e.g. 5GB, 500MB or 2GiB") from None
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
         raise ValueError(f"size {text!r} must be positive")
     return int(value * mult)
 
@@ -178,6 +181,12 @@ class Manifest:
                 good.add(fname)
                 self.shards[fname] = rec
         return good
+
+
+def open_shard_file(path: Path):
+    """The file layer of the writer: every byte of a shard goes through the object returned here
+    (the disk-full tests substitute one that fails the way a full disk does)."""
+    return open(path, "wb")
 
 
 class ShardedWriter:
@@ -282,7 +291,7 @@ class ShardedWriter:
         path = self.folder / shard.filename
         try:
             if first and entry is shard.entries[0]:
-                self._file = open(path, "wb")
+                self._file = open_shard_file(path)
                 self._hash = hashlib.sha256()
                 prefix = len(shard.header).to_bytes(8, "little") + shard.header
                 self._file.write(prefix)
@@ -302,6 +311,8 @@ class ShardedWriter:
                 self.manifest.shards[shard.filename] = rec
                 self.manifest.save()
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(f"writing {path} failed: the disk is full ({exc.strerror})") from None
             raise CheckpointError(f"writing {path} failed: {exc}") from None
         if self._on_written is not None:
             self._on_written(tensor.numel() * tensor.element_size())
@@ -346,19 +357,41 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.tritonmerge-partial"
 
 
+def replaced_dir(out_dir: Path) -> Path:
+    """Where ``commit`` moves an output it replaces, for the moment between the two renames."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.tritonmerge-old"
+
+
 def commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished ``tmp`` folder to ``out_dir``. An existing ``out_dir`` (allowed only
-    with ``overwrite``) is moved aside first and deleted after the rename, so at every moment
-    either the old or the new complete folder is in place."""
+    with ``overwrite``; the engine has checked it is an earlier output) is moved aside first and
+    deleted after the rename, so at every moment either the old or the new complete folder is in
+    place."""
     out_dir = Path(out_dir).absolute()
     old = None
     if out_dir.exists():
         if not overwrite:
             raise CheckpointError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
-        old = out_dir.parent / f".{out_dir.name}.tritonmerge-old"
+        old = replaced_dir(out_dir)
         if old.exists():
             shutil.rmtree(old)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a power cut must not undo the commit)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
