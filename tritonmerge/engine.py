@@ -41,7 +41,7 @@ from . import __version__
 from .api import all_finite, merge_one
 from .config import MergeConfig, load_config, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
-from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, TritonMergeError
+from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, OutputLockedError, TritonMergeError
 from .io import folder as outfolder
 from .io.index import CheckpointIndex, dtype_name, itemsize, open_checkpoint
 from .io.reader import Prefetcher, TensorReader
@@ -678,19 +678,20 @@ def run_merge(
     device = _device(options.device)
     plan = plan_merge(config, out_dir, options)
     _check_backend(plan, device)
-    state = _check_output(plan)
     if options.dry_run:
+        holder = OutputLock(plan.out_dir).holder()
+        if holder is not None:
+            raise OutputLockedError(f"another tritonmerge (pid {holder or '?'}) is writing {plan.out_dir}")
+        _check_output(plan)
         print(plan.describe())
         print(f"disk:          {_check_disk(plan, 0)}")
-        return MergeResult(out_dir=plan.out_dir, plan=plan)
-    if state == "complete":
-        say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
         return MergeResult(out_dir=plan.out_dir, plan=plan)
 
     created = _make_parents(plan.out_dir.parent)
     try:
+        # the output's state is read only under the lock: a folder another run is writing is
+        # that run's, not an unfinished merge to resume or replace
         with OutputLock(plan.out_dir):
-            # again, now that no one else can change it: another run may have finished meanwhile
             state = _check_output(plan)
             if state == "complete":
                 say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
@@ -757,7 +758,7 @@ def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable
         _finalize(plan, decisions, manifest)
         commit(tmp, plan.out_dir, overwrite=options.overwrite or options.force_overwrite)
     except BaseException as exc:
-        note = _keep_or_discard_partial(plan, manifest)
+        note = _keep_or_discard_partial(plan, manifest, exc)
         if isinstance(exc, TritonMergeError):
             raise type(exc)(f"{exc}; {note}") from None
         if isinstance(exc, KeyboardInterrupt) and not options.quiet:
@@ -766,15 +767,16 @@ def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable
     return result
 
 
-def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest) -> str:
+def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest, exc: BaseException) -> str:
     """After a failed run: keep the partial folder when it holds finished shards (for --resume),
     remove it when it holds nothing worth resuming. Returns what was done, for the error."""
     kept = len(manifest.shards)
     if kept:
-        return (
-            f"finished shards were kept ({kept} of {len(plan.shards)}) in {plan.tmp_dir}; "
-            f"run again with --resume to continue"
-        )
+        how = "run again with --resume to continue"
+        if isinstance(exc, NonFiniteInputError):
+            # a fixed input is a different input: its shards cannot be resumed from these
+            how = "run again with --resume --allow-nonfinite to merge it as it is, or fix the input and start over with --overwrite"
+        return f"finished shards were kept ({kept} of {len(plan.shards)}) in {plan.tmp_dir}; {how}"
     shutil.rmtree(plan.tmp_dir, ignore_errors=True)
     return "no shard was finished, so nothing was kept"
 

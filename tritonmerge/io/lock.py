@@ -65,6 +65,25 @@ class OutputLock:
             self._fd = fd
             return
 
+    def holder(self) -> int | None:
+        """The pid holding the lock now (0 if unknown), or None when no live process holds it;
+        takes nothing."""
+        if fcntl is None or not self.path.exists():  # pragma: no cover - Windows
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_pid(fd) or 0
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is None:
             return
