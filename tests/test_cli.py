@@ -87,3 +87,40 @@ def test_demo_end_to_end(tmp_path):
     # WUDI changes the linear weights and keeps embeddings at the base (official tensor selection)
     assert not torch.equal(wudi["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(wudi["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_demo_output_loads_and_generates_with_transformers(tmp_path):
+    """The demo's models ship a real (byte-level) tokenizer, so the merged output is a complete
+    model: AutoTokenizer and AutoModelForCausalLM load it and it generates."""
+    transformers = pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, "-m", "tritonmerge", "demo", str(tmp_path / "demo"), "--quiet"],
+                       capture_output=True, text=True, env=_env(), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "demo" / "merged_ties"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "merge models: ünïcode too"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == text
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+    tokenizer.decode(generated[0])
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys, time\n"
+        "t0 = time.perf_counter()\n"
+        "from tritonmerge.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['merge', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1]) < 0.5

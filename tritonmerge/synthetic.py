@@ -128,6 +128,52 @@ def llama_config(hidden_size: int, intermediate_size: int, num_layers: int, voca
     }
 
 
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins a byte-level tokenizer uses for the bytes 0..255 (printable
+    ASCII and Latin-1 stand for themselves, the rest map to code points from 256 up)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    symbols = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_level_tokenizer() -> dict:
+    """A real, complete tokenizer (``tokenizer.json``): byte-level BPE with the three special
+    tokens and one token per byte, no merges. Any text encodes and decodes losslessly, so a
+    synthetic model loads and generates end to end with ``AutoTokenizer``; ids 0..258."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for sym in _byte_symbols():
+        vocab[sym] = len(vocab)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            for i, tok in enumerate(SPECIAL_TOKENS)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": [],
+        },
+    }
+
+
 def _write_side_files(folder: Path, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     gen = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
@@ -142,6 +188,7 @@ def _write_side_files(folder: Path, config: dict) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    (folder / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer(), ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def make_llama_checkpoints(
