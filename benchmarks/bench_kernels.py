@@ -13,9 +13,13 @@ fraction of a device-to-device copy's bandwidth measured in the same run.
 CPU mode (``TRITONMERGE_BENCH_CPU=1``): the same comparisons on small shapes under
 ``TRITON_INTERPRET=1`` — a correctness check of the benchmark itself; its times mean nothing.
 
+Sizes and rounds can be changed through the environment (benchmarks/sizes.py lists the
+variables; ``benchmarks/gpu/run.sh`` sets them for its GPU and smoke runs).
+
 Every benchmark first checks its output against the reference (untimed), then times. A summary
-JSON goes to ``benchmarks/results/kernels-<device>.json`` (GPU mode only; directory overridable
-with ``TRITONMERGE_BENCH_RESULTS``)::
+JSON goes to ``benchmarks/results/kernels-<device>.json``, rewritten after every case so that a
+run cut short keeps what it measured (GPU mode, or CPU mode with ``TRITONMERGE_BENCH_RESULTS``
+naming the directory: the interpreter's times must not land beside real results by accident)::
 
     pytest benchmarks/bench_kernels.py --benchmark-only                          # GPU
     TRITONMERGE_BENCH_CPU=1 pytest benchmarks/bench_kernels.py --benchmark-only  # CPU, small shapes
@@ -32,6 +36,7 @@ import pytest
 import torch
 
 from benchmarks import machine
+from benchmarks.sizes import env_float, env_int, env_shape, env_sizes, timed_rounds
 
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("triton")
@@ -45,15 +50,15 @@ from tritonmerge.testing import assert_close_budget, make_inputs, triton_interpr
 CPU_MODE = os.environ.get("TRITONMERGE_BENCH_CPU") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA and not CPU_MODE else "cpu")
-if CPU_MODE:
-    SELECT_SIZES = {"1e4": 10_000, "1e5": 100_000}
-    MERGE_SHAPE, N_EXPERTS = (64, 96), 8
-else:
-    SELECT_SIZES = {"1e8": 10**8, "1e9": 10**9}
-    MERGE_SHAPE, N_EXPERTS = (4096, 14336), 8
+SELECT_SIZES = env_sizes("TRITONMERGE_BENCH_SELECT_SIZES",
+                         {"1e4": 10_000, "1e5": 100_000} if CPU_MODE else {"1e8": 10**8, "1e9": 10**9})
+MERGE_SHAPE = env_shape("TRITONMERGE_BENCH_MERGE_SHAPE", (64, 96) if CPU_MODE else (4096, 14336))
+N_EXPERTS = env_int("TRITONMERGE_BENCH_EXPERTS", 8)
 DENSITY = 0.2
-TADROP_DENSITIES = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
-ROUNDS = 3 if CPU_MODE else 10
+# one density per expert for TADrop-TIES, spread 0.05..0.4 whatever the expert count
+TADROP_DENSITIES = [round(0.05 + 0.35 * i / max(1, N_EXPERTS - 1), 4) for i in range(N_EXPERTS)]
+ROUNDS = env_int("TRITONMERGE_BENCH_ROUNDS", 3 if CPU_MODE else 10)
+CASE_SECONDS = env_float("TRITONMERGE_BENCH_CASE_SECONDS", None)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -86,7 +91,11 @@ def kernels_ready():
 @pytest.fixture(scope="module", autouse=True)
 def write_summary(kernels_ready):
     yield
-    if not RESULTS or DEVICE.type != "cuda":
+    _write_summary()
+
+
+def _write_summary() -> None:
+    if not RESULTS or (DEVICE.type != "cuda" and "TRITONMERGE_BENCH_RESULTS" not in os.environ):
         return
     import triton
 
@@ -94,11 +103,16 @@ def write_summary(kernels_ready):
     name = _device_name()
     slug = machine.slug(name)
     summary = {
+        "benchmark": "kernels",
         "device": name,
+        "mode": "gpu" if DEVICE.type == "cuda" else "cpu-interpreter (times mean nothing)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "git": machine.git_sha(),
         "copy_gbps": _COPY_GBPS.get("value"),
+        "settings": {"select_sizes": SELECT_SIZES, "merge_shape": list(MERGE_SHAPE), "n_experts": N_EXPERTS,
+                     "density": DENSITY, "tadrop_densities": TADROP_DENSITIES, "max_rounds": ROUNDS,
+                     "case_seconds": CASE_SECONDS},
         "results": RESULTS,
     }
     (out_dir / f"kernels-{slug}.json").write_text(json.dumps(summary, indent=1))
@@ -136,9 +150,11 @@ def _record(benchmark, group: str, variant: str, bytes_moved: int, **extra) -> N
     median = benchmark.stats.stats.median
     gbps = bytes_moved / median / 1e9
     copy = copy_bandwidth()
-    row = {"group": group, "variant": variant, "median_s": median, "gbps": gbps, "copy_fraction": gbps / copy, **extra}
+    row = {"group": group, "variant": variant, "median_s": median, "gbps": gbps, "copy_fraction": gbps / copy,
+           "rounds": len(benchmark.stats.stats.data), **extra}
     benchmark.extra_info.update(row, device=_device_name())
     RESULTS.append(row)
+    _write_summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +163,7 @@ def _record(benchmark, group: str, variant: str, bytes_moved: int, **extra) -> N
 
 SELECT_VARIANTS = ["ours", "kthvalue", "topk", "argsort"]
 _MAGNITUDES: dict[int, torch.Tensor] = {}
+_EXPECTED: dict[int, float] = {}  # the reference threshold per size: one kthvalue, not one per variant
 
 
 def _magnitude(numel: int) -> torch.Tensor:
@@ -178,7 +195,9 @@ def test_threshold_selection(benchmark, size, variant):
     numel = SELECT_SIZES[size]
     magnitude = _magnitude(numel)
     k = keep_count(DENSITY, numel)
-    expected = float(torch.kthvalue(magnitude.cpu() if CPU_MODE else magnitude, numel - k + 1).values)
+    if numel not in _EXPECTED:
+        _EXPECTED[numel] = float(torch.kthvalue(magnitude.cpu() if CPU_MODE else magnitude, numel - k + 1).values)
+    expected = _EXPECTED[numel]
     try:
         got = _select(variant, magnitude, k)
     except torch.OutOfMemoryError as exc:
@@ -190,7 +209,7 @@ def test_threshold_selection(benchmark, size, variant):
         _select(variant, magnitude, k)
         _sync()
 
-    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    timed_rounds(benchmark, target, rounds=ROUNDS, case_seconds=CASE_SECONDS)
     passes = 2 if variant == "ours" else 1  # our radix select reads the input twice
     _record(benchmark, benchmark.group, variant, passes * numel * 4, elements=numel, reads=passes)
 
@@ -285,7 +304,7 @@ def test_fused_ties(benchmark, workload, variant):
         _merge(variant, base, experts, densities, tadrop)
         _sync()
 
-    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    timed_rounds(benchmark, target, rounds=ROUNDS, case_seconds=CASE_SECONDS)
     numel = base.numel()
     # the fused merge's own read+write; ours also makes 2 histogram reads of base + experts
     merge_bytes = (N_EXPERTS + 1) * numel * 2 + numel * 2

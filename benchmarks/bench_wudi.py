@@ -6,9 +6,14 @@ T = 8 and 300 steps, and the whole linear-layer set of a Llama-7B shape. The off
 is timed over a few steps and extrapolated to 300 (one 14336-wide layer takes minutes).
 CPU mode (``TRITONMERGE_BENCH_CPU=1``): the same comparisons on small shapes.
 
-Every benchmark first checks its output against the official-style loop (untimed), then times.
-A summary JSON goes to ``benchmarks/results/wudi-<device>.json`` (directory overridable with
-``TRITONMERGE_BENCH_RESULTS``)::
+Shapes, steps and rounds can be changed through the environment (benchmarks/sizes.py lists the
+variables; ``benchmarks/gpu/run.sh`` sets them for its GPU and smoke runs).
+
+Every benchmark first checks its output against the official-style loop (untimed; that loop's
+result is computed once per layer and shared by the variants), then times. A summary JSON goes
+to ``benchmarks/results/wudi-<device>.json`` (directory overridable with
+``TRITONMERGE_BENCH_RESULTS``), rewritten after every case so that a run cut short keeps what it
+measured::
 
     pytest benchmarks/bench_wudi.py --benchmark-only                          # GPU
     TRITONMERGE_BENCH_CPU=1 pytest benchmarks/bench_wudi.py --benchmark-only  # CPU, small shapes
@@ -25,6 +30,7 @@ import pytest
 import torch
 
 from benchmarks import machine
+from benchmarks.sizes import env_int, env_shapes
 
 from tritonmerge.backends import extension_status
 from tritonmerge.ops import wudi_solve as W
@@ -34,7 +40,8 @@ pytest.importorskip("pytest_benchmark")
 CPU_MODE = os.environ.get("TRITONMERGE_BENCH_CPU") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA and not CPU_MODE else "cpu")
-T, STEPS, LR = 8, 300, 1e-5
+T, LR = 8, 1e-5
+STEPS = env_int("TRITONMERGE_BENCH_WUDI_STEPS", 300)
 if CPU_MODE:
     SHAPES = [(128, 128), (128, 512), (512, 128)]
     OFFICIAL_STEPS = 300
@@ -44,6 +51,11 @@ else:
     SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
     OFFICIAL_STEPS = 5  # timed, then ×300/5: a full official run of one 14336-wide layer takes minutes
     MODEL = {"name": "llama-7b", "layers": 32, "shapes": {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}}
+SHAPES = env_shapes("TRITONMERGE_BENCH_WUDI_SHAPES", SHAPES)
+OFFICIAL_STEPS = min(STEPS, env_int("TRITONMERGE_BENCH_WUDI_OFFICIAL_STEPS", OFFICIAL_STEPS))
+MAX_ROUNDS = env_int("TRITONMERGE_BENCH_ROUNDS", 3)
+# the untimed gate runs the same kernels at the same shapes first, so a warm-up round can go
+WARMUP = env_int("TRITONMERGE_BENCH_WARMUP", 1)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -69,6 +81,10 @@ def _device_name() -> str:
 @pytest.fixture(scope="module", autouse=True)
 def write_summary():
     yield
+    _write_summary()
+
+
+def _write_summary() -> None:
     if not RESULTS:
         return
     out_dir = machine.results_dir()
@@ -83,6 +99,8 @@ def write_summary():
         "git": machine.git_sha(),
         "T": T,
         "steps": STEPS,
+        "settings": {"shapes": [list(s) for s in SHAPES], "official_steps_run": OFFICIAL_STEPS,
+                     "max_rounds": MAX_ROUNDS, "warmup_rounds": WARMUP, "lr": LR},
         "results": RESULTS,
     }
     (out_dir / f"wudi-{slug}.json").write_text(json.dumps(summary, indent=1))
@@ -111,10 +129,23 @@ def _skip_unavailable(variant: str) -> None:
             pytest.skip(f"CUDA extension not usable here: {why or 'not a CUDA device'}")
 
 
+_OFFICIAL: dict[tuple, torch.Tensor] = {}
+
+
+def _official_reference(tv: torch.Tensor, steps: int) -> torch.Tensor:
+    """The official loop's result on these task vectors (seeded, so equal per shape across the
+    variants' tests): computed once per layer and shape, one layer kept at a time."""
+    key = (tuple(tv.shape), steps)
+    if key not in _OFFICIAL:
+        _OFFICIAL.clear()
+        _OFFICIAL[key] = W.official_wudi_autograd(tv, steps=steps, lr=LR)[0]
+    return _OFFICIAL[key]
+
+
 def _gate(variant: str, tv: torch.Tensor) -> dict:
     """Untimed correctness check against the official-style loop (few steps for the big shapes)."""
     steps = min(STEPS, OFFICIAL_STEPS)
-    ref = W.official_wudi_autograd(tv, steps=steps, lr=LR)[0]
+    ref = _official_reference(tv, steps)
     if variant == "exact":
         got = _run(variant, tv)
         problem = W.precompute(tv.unsqueeze(0), need_gram=False)
@@ -135,7 +166,11 @@ def test_wudi_layer(benchmark, shape, variant):
     _skip_unavailable(variant)
     m, n = shape
     tv = _task_vectors(m, n)
-    info = _gate(variant, tv) if variant != "official_autograd" else {}
+    if variant == "official_autograd":
+        _official_reference(tv, OFFICIAL_STEPS)  # untimed: the others' gate reference, and a warm-up
+        info = {}
+    else:
+        info = _gate(variant, tv)
     steps = OFFICIAL_STEPS if variant == "official_autograd" else STEPS
 
     def target():
@@ -143,8 +178,8 @@ def test_wudi_layer(benchmark, shape, variant):
         _sync()
 
     benchmark.group = f"wudi-{m}x{n}-T{T}"
-    rounds = 1 if variant == "official_autograd" or (DEVICE.type == "cpu" and m * n > 1 << 16) else 3
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=1)
+    rounds = 1 if variant == "official_autograd" or (DEVICE.type == "cpu" and m * n > 1 << 16) else MAX_ROUNDS
+    benchmark.pedantic(target, rounds=min(rounds, MAX_ROUNDS), warmup_rounds=WARMUP, iterations=1)
     seconds = benchmark.stats.stats.median
     per_layer = seconds * (STEPS / steps) if variant != "exact" else seconds
     gemm_flops = 2 * m * n * n * STEPS if variant in ("torch", "cuda_ext") else None
@@ -155,10 +190,12 @@ def test_wudi_layer(benchmark, shape, variant):
         "measured_steps": steps if variant != "exact" else None,
         "extrapolated": variant == "official_autograd" and steps != STEPS,
         "step_gemm_tflops": gemm_flops / per_layer / 1e12 if gemm_flops else None,
+        "rounds": len(benchmark.stats.stats.data),
         **info,
     }
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    _write_summary()
 
 
 @pytest.mark.parametrize("variant", ["torch", "cuda_ext", "exact"])
@@ -196,6 +233,7 @@ def test_wudi_whole_model(benchmark, variant):
            "seconds_wall": benchmark.stats.stats.median}
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    _write_summary()
 
 
 @pytest.mark.skipif(CPU_MODE, reason="TF32 only exists on CUDA")
@@ -212,9 +250,10 @@ def test_wudi_tf32_effect(benchmark):
         _sync()
 
     benchmark.group = f"wudi-{m}x{n}-T{T}"
-    benchmark.pedantic(target, rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(target, rounds=MAX_ROUNDS, warmup_rounds=WARMUP, iterations=1)
     row = {"case": f"{m}x{n}", "variant": "torch_tf32", "seconds_per_layer": benchmark.stats.stats.median,
            "tf32_max_abs_diff": float((got - ref).abs().max()), "displacement": moved,
            "loss_fp32": ref_l.final[0], "loss_tf32": got_l.final[0]}
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    _write_summary()

@@ -14,7 +14,7 @@ struct AdamStepScalars {
   float lerp_weight;       // 1 - beta1            (exp_avg.lerp_(grad, 1 - beta1))
   float beta2;             // beta2                (exp_avg_sq.mul_(beta2))
   float one_minus_beta2;   // 1 - beta2            (.addcmul_(grad, grad, value=1 - beta2))
-  float inv_bc2_sqrt;      // 1 / sqrt(1 - beta2^t) (CUDA divides by a CPU scalar via its reciprocal)
+  float inv_bc2_sqrt;      // 1 / float(sqrt(1 - beta2^t)) in float: CUDA torch's reciprocal of a CPU divisor
   float eps;               // eps                  (.add_(eps))
   float neg_step_size;     // -lr / (1 - beta1^t)  (param.addcdiv_(exp_avg, denom, value=-step_size))
 };

@@ -5,31 +5,17 @@
 // (sub, mul, lerp_, mul_, addcmul_, sqrt, div, add_, addcdiv_): 5 reads + 3 writes of 4 bytes
 // per element instead of about 22 memory passes.
 //
-// Rounding follows the CUDA torch kernels op by op, including where they round between kernels
-// and where nvcc contracts one kernel's expression into an FMA; the explicit __f*_rn intrinsics
-// pin that down so nvcc cannot contract across what were separate torch kernels.
+// The per-element arithmetic, and how it follows the CUDA torch kernels' rounding, is in
+// wudi_adam_step.h, where a host build can test it without a GPU.
 #include <cuda_runtime.h>
 
 #include "common.h"
+#include "wudi_adam_step.h"
 
 namespace tritonmerge {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ void adam_element(float& tau, float& m, float& v, float p, float b,
-                                             const AdamStepScalars& s) {
-  // grad = 2 * (P - B): torch.sub then .mul_(2) (the doubling is exact)
-  const float g = 2.0f * __fsub_rn(p, b);
-  // exp_avg.lerp_(grad, w), w < 0.5: self + w * (end - self)  (ATen/native/Lerp.h)
-  m = __fmaf_rn(s.lerp_weight, __fsub_rn(g, m), m);
-  // exp_avg_sq.mul_(beta2), then .addcmul_(g, g, value): a + value * (b * c)
-  v = __fmaf_rn(s.one_minus_beta2, __fmul_rn(g, g), __fmul_rn(v, s.beta2));
-  // denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps): three kernels, three roundings
-  const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v), s.inv_bc2_sqrt), s.eps);
-  // param.addcdiv_(exp_avg, denom, value=-step_size): a + value * (b / c)
-  tau = __fmaf_rn(s.neg_step_size, __fdiv_rn(m, denom), tau);
-}
 
 __global__ void wudi_adam_step_kernel(float* __restrict__ tau, float* __restrict__ exp_avg,
                                       float* __restrict__ exp_avg_sq, const float* __restrict__ P,
@@ -37,7 +23,7 @@ __global__ void wudi_adam_step_kernel(float* __restrict__ tau, float* __restrict
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     float t = tau[i], m = exp_avg[i], v = exp_avg_sq[i];
-    adam_element(t, m, v, P[i], B[i], s);
+    wudi_adam_element(t, m, v, P[i], B[i], s);
     tau[i] = t;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
@@ -52,10 +38,10 @@ __global__ void wudi_adam_step_kernel_vec4(float4* __restrict__ tau, float4* __r
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += stride) {
     float4 t = tau[i], m = exp_avg[i], v = exp_avg_sq[i];
     const float4 p = P[i], b = B[i];
-    adam_element(t.x, m.x, v.x, p.x, b.x, s);
-    adam_element(t.y, m.y, v.y, p.y, b.y, s);
-    adam_element(t.z, m.z, v.z, p.z, b.z, s);
-    adam_element(t.w, m.w, v.w, p.w, b.w, s);
+    wudi_adam_element(t.x, m.x, v.x, p.x, b.x, s);
+    wudi_adam_element(t.y, m.y, v.y, p.y, b.y, s);
+    wudi_adam_element(t.z, m.z, v.z, p.z, b.z, s);
+    wudi_adam_element(t.w, m.w, v.w, p.w, b.w, s);
     tau[i] = t;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;

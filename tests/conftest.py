@@ -1,8 +1,9 @@
-"""Shared test fixtures: deterministic seeding, small tensor/state-dict factories, and the ``gpu``
-marker's auto-skip (markers are registered in pytest.ini)."""
+"""Shared test fixtures: deterministic seeding, small tensor/state-dict factories, the ``gpu``
+marker's auto-skip (markers are registered in pytest.ini), and a session-private self-check cache."""
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Callable, Mapping, Sequence
 
@@ -19,6 +20,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_self_check_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The backends' self-check results go to a file of this session (child processes inherit
+    it): the suite never reads or writes the user's cache, and pays for each check once."""
+    old = os.environ.get("TRITONMERGE_SELF_CHECK_CACHE")
+    os.environ["TRITONMERGE_SELF_CHECK_CACHE"] = str(tmp_path_factory.mktemp("self_check") / "self_check.json")
+    yield
+    if old is None:
+        os.environ.pop("TRITONMERGE_SELF_CHECK_CACHE", None)
+    else:
+        os.environ["TRITONMERGE_SELF_CHECK_CACHE"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -117,10 +117,9 @@ def merge_one(
     keep = ctx.decisions.keep
     if keep is not None and not all(keep):
         experts = [e if k else base for e, k in zip(experts, keep)]
-    impl = backends.choose(method, method_params, base, experts, ctx, backend)
+    used, out = backends.merge_with_fallback(method, method_params, base, experts, ctx, backend)
     if ctx.report is not None:
-        ctx.report.backends[ctx.name] = impl.backend
-    out = impl.fn(base, experts, method_params, ctx)
+        ctx.report.backends[ctx.name] = used
     return out.to(dtype=base.dtype, device=base.device)
 
 

@@ -21,7 +21,7 @@ def collect() -> dict[str, Any]:
     """The facts ``info_text`` prints, as a dict (for tests and bug reports)."""
     import torch
 
-    from . import __version__, backends
+    from . import __version__, backends, self_check
     from .registry import get_method, list_methods
 
     devices = ["cpu"]
@@ -30,6 +30,7 @@ def collect() -> dict[str, Any]:
             props = torch.cuda.get_device_properties(i)
             devices.append(f"cuda:{i} {props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})")
     ext, ext_why = backends.extension_status()
+    cpu_why = backends.cpu_status(checked=False)
     methods = {}
     for name in list_methods():
         spec = get_method(name)
@@ -48,9 +49,33 @@ def collect() -> dict[str, Any]:
         "backend_env": os.environ.get("TRITONMERGE_BACKEND", "auto"),
         "triton_status": backends.triton_status(),
         "extension_status": ext_why,
-        "cpu_status": backends.cpu_status(),
+        "cpu_status": cpu_why,
+        "self_check": _self_check_lines(backends.triton_status(), ext_why, cpu_why),
+        "self_check_cache": str(self_check.cache_path()),
         "methods": methods,
     }
+
+
+def _self_check_lines(triton_why: str | None, ext_why: str | None, cpu_why: str | None) -> dict[str, str]:
+    """Per fast backend, its self-check on each device it would run on (info never runs a check)."""
+    import torch
+
+    from . import self_check
+
+    gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    where = {
+        "cpu": (cpu_why, [torch.device("cpu")]),
+        "triton": (triton_why, [torch.device("cpu")] if interpreter else gpus),
+        "cuda": (ext_why, gpus),
+    }
+    lines = {}
+    for backend, (why, devices) in where.items():
+        if why is not None or not devices:
+            lines[backend] = "not applicable (backend unavailable)"
+        else:
+            lines[backend] = self_check.status_line(backend, devices)
+    return lines
 
 
 def info_text() -> str:
@@ -72,6 +97,9 @@ def info_text() -> str:
         f"  cpu     {ok(d['cpu_status'])}",
         f"  triton  {ok(d['triton_status'])}",
         f"  cuda    {ok(d['extension_status'])}",
+        "",
+        f"self-check on first use (TRITONMERGE_SELF_CHECK=0 skips it; results cached in {d['self_check_cache']}):",
+        *(f"  {backend:7s} {line}" for backend, line in d["self_check"].items()),
         "",
         "methods (backends that would run here; others with the reason):",
     ]

@@ -3,7 +3,9 @@
 For one checkpoint shape (built once into benchmarks/.cache/), for each merge case: runs the
 I/O floor, tritonmerge and (where it has the method) mergekit, alternating, each in a fresh
 process with the page cache prepared the same way; checks parity of the outputs (untimed); and
-writes ``benchmarks/results/e2e_<device>.json`` (one entry per shape, replaced on re-run).
+writes ``benchmarks/results/e2e_<device>.json`` (one entry per shape, replaced on re-run; saved
+after every case, so a run cut short keeps the cases it finished; the directory follows
+``TRITONMERGE_BENCH_RESULTS`` like the other benchmarks').
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from benchmarks import machine
+
 from . import configs, measure, parity
 from .checkpoints import CACHE_DIR, ensure_checkpoints, model_files
 from .shapes import SHAPES, Shape
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 DEFAULT_MERGEKIT_PYTHON = os.environ.get("TRITONMERGE_MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python")
 
 
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds before one run is killed (counted as failed)")
     p.add_argument("--quiet-wait", type=float, default=180, help="wait up to this long for other processes to go idle before each run")
     p.add_argument("--cache-dir", default=str(CACHE_DIR))
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/e2e_<device>.json)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/e2e_<device>.json, or "
+                                               "$TRITONMERGE_BENCH_RESULTS/e2e_<device>.json)")
     args = p.parse_args(argv)
 
     shape = SHAPES[args.shape]
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mergekit python {mk_python} not found; running without mergekit (see benchmarks/e2e/setup_mergekit.sh)")
         mk_python = None
 
+    out = Path(args.out) if args.out else machine.results_dir() / f"e2e_{_device_label(args.device)}.json"
     base, experts = ensure_checkpoints(shape, Path(args.cache_dir))
     work = Path(args.cache_dir) / f"work-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -210,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                     # results of one shape may come from several invocations (and commits)
                     result["git_commit"] = entry["machine"]["git_commit"]
                     result["git_dirty"] = entry["machine"]["git_dirty"]
+                    # tells this run's rows from rows of earlier runs kept in the same file
+                    result["measured_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                     entry["results"].append(result)
+                    save_entry(out, dict(entry, results=list(entry["results"])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    out = Path(args.out) if args.out else RESULTS_DIR / f"e2e_{_device_label(args.device)}.json"
-    save_entry(out, entry)
     print(f"wrote {out}")
     return 0
 

@@ -22,18 +22,25 @@ to the torch reference, so DARE masks match exactly.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from . import specializations as S
 from .select import device_context, expert_pointer_table
 
 # 2048 elements per program and 8 warps: 8 elements (16 bytes of bf16) per thread and load,
 # N + 1 independent loads in flight per thread to cover DRAM latency.
 BLOCK = 2048
 NUM_WARPS = 8
+# An explicit register budget for ptxas. Without one, Triton 3.9's ptxas (run with
+# --regAllocOptLevel=2) picks 48-80 registers for some specialisations and spills 4-16 bytes;
+# with a budget of 128 it allocates 56-116 and spills nothing (tools/aot_report.py, every
+# specialisation for sm_80/90/100). 128 still fits two 256-thread programs per SM.
+MAX_REGISTERS = 128
 L1_BLOCK = 4096
 
 # constexpr codes
@@ -54,13 +61,31 @@ def _fmix32(h):
 
 
 @triton.jit
-def _uniform(index, key0, key1):
-    """ops/rng.hash_indices → float32 uniform in [0, 1) for int64 element indices."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    h = _fmix32(lo * 0x9E3779B1 + key0)
-    h = _fmix32(h ^ (hi * 0x85EBCA6B + key1))
+def _uniform(lanes, first_index, key0, key1):
+    """ops/rng.hash_indices → float32 uniform in [0, 1) for the int64 element indices
+    ``first_index + lanes`` (``lanes``: int32 in [0, BLOCK)).
+
+    The reference's ``lo·G + key0`` and ``hi·C1 + key1`` are computed as ``(lo + key0·G⁻¹)·G`` and
+    ``(hi + key1·C1⁻¹)·C1`` (equal modulo 2**32: both multipliers are odd), and ``hi + key1·C1⁻¹`` as
+    the high word of ``first_index + (key1·C1⁻¹ << 32) + lanes`` (the carry out of the low word is
+    the one of ``first_index + lanes``). Written the reference's way, the per-element ``lo·G``,
+    ``hi·C1`` (and lo, hi themselves) do not depend on the expert: the compiler hoists them out of
+    the per-expert loop and keeps them live across it, which is what made ptxas spill. This way
+    every per-element value depends on the expert's keys, and only ``lanes`` stays live."""
+    key0_scaled = key0 * 0x0E8B2F51  # 0x0E8B2F51 · 0x9E3779B1 ≡ 1 (mod 2**32)
+    key1_scaled = key1 * 0xA5CB9243  # 0xA5CB9243 · 0x85EBCA6B ≡ 1 (mod 2**32)
+    high = (first_index.to(tl.uint64) + (key1_scaled.to(tl.uint64) << 32)) + lanes.to(tl.uint64)
+    lo_keyed = (first_index.to(tl.uint32) + key0_scaled) + lanes.to(tl.uint32)
+    h = _fmix32(lo_keyed * 0x9E3779B1)
+    h = _fmix32(h ^ ((high >> 32).to(tl.uint32) * 0x85EBCA6B))
     return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _last_kept_lane(cutoff, block_start, BLOCK: tl.constexpr):
+    """``lanes <= _last_kept_lane(...)`` ⟺ ``block_start + lanes <= cutoff`` for lanes in
+    [0, BLOCK): the int64 comparison done once per block, so that the per-element one is int32."""
+    return tl.minimum(tl.maximum(cutoff - block_start, -1), BLOCK).to(tl.int32)
 
 
 @triton.jit
@@ -74,23 +99,24 @@ def _round_to_bf16(x):
 
 @triton.jit
 def _sparsified_task_vector(
-    tau, offs, i, element_offset,
+    tau, lanes, block_start, i, element_offset,
     thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, scale_ptr, keys_ptr,
-    SPARSIFY: tl.constexpr, HAS_UPPER: tl.constexpr, RESCALE: tl.constexpr,
+    SPARSIFY: tl.constexpr, HAS_UPPER: tl.constexpr, RESCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """τ̃ᵢ for one block (before the weight), and the mask that produced it."""
+    """τ̃ᵢ for one block (before the weight) of the elements ``block_start + lanes``."""
     if SPARSIFY == 1:
         a = tl.abs(tau)
         t = tl.load(thr_lo_ptr + i)
-        keep = (a > t) | ((a == t) & (offs <= tl.load(cut_lo_ptr + i)))
+        keep = (a > t) | ((a == t) & (lanes <= _last_kept_lane(tl.load(cut_lo_ptr + i), block_start, BLOCK)))
         if HAS_UPPER:  # breadcrumbs: the top set of the outliers is removed again
             th = tl.load(thr_hi_ptr + i)
-            keep = keep & ~((a > th) | ((a == th) & (offs <= tl.load(cut_hi_ptr + i))))
+            outlier = (a > th) | ((a == th) & (lanes <= _last_kept_lane(tl.load(cut_hi_ptr + i), block_start, BLOCK)))
+            keep = keep & ~outlier
         tau = tl.where(keep, tau, 0.0)
     elif SPARSIFY == 2:
         key0 = tl.load(keys_ptr + 2 * i).to(tl.uint32)
         key1 = tl.load(keys_ptr + 2 * i + 1).to(tl.uint32)
-        u = _uniform(offs + element_offset, key0, key1)
+        u = _uniform(lanes, block_start + element_offset, key0, key1)
         tau = tl.where(u < tl.load(density_ptr + i), tau, 0.0)
     if RESCALE == 1:
         tau = tl.math.div_rn(tau, tl.full(tau.shape, 1.0, tl.float32) * tl.load(density_ptr + i))
@@ -126,11 +152,16 @@ def _fused_merge_kernel(
 ):
     """Bytes per element: HAS_BASE × base bytes + Σ over active experts of expert bytes read,
     output bytes written (bf16 TIES with 8 experts: 9 × 2 read + 2 written = 20 bytes)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64
-    valid = offs < numel
+    # int64 only in the per-block scalars (block_start, the pointers); per element the index
+    # within the block is int32: half the registers of int64 offsets, held across the expert loop
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    n_valid = tl.minimum(numel - block_start, BLOCK).to(tl.int32)
+    valid = lanes < n_valid
+    base_ptr += block_start
+    out_ptr += block_start
     if HAS_BASE:
-        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(base_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
     zero = tl.zeros([BLOCK], tl.float32)
     total = zero  # election: Σ wτ in expert order (sum) or Σ sign(wτ) (count)
     pos = zero  # Σ of positive wτ / of all wτ without election
@@ -140,17 +171,17 @@ def _fused_merge_kernel(
     for i in range(n_experts):
         w = tl.load(weight_ptr + i)
         active = tl.load(active_ptr + i) != 0
-        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
+        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype) + block_start
         # an inactive expert's lanes are all masked off: no memory traffic for it
-        e = tl.load(e_ptr + offs, mask=offs < tl.where(active, numel, 0), other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + lanes, mask=lanes < tl.where(active, n_valid, 0), other=0.0).to(tl.float32)
         if HAS_BASE:
             tau = tl.where(active, e - b, 0.0)
         else:
             tau = e
         tau = _sparsified_task_vector(
-            tau, offs, i, element_offset,
+            tau, lanes, block_start, i, element_offset,
             thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, scale_ptr, keys_ptr,
-            SPARSIFY, HAS_UPPER, RESCALE,
+            SPARSIFY, HAS_UPPER, RESCALE, BLOCK,
         )
         wt = tau * w
         if ELECT == 0:
@@ -190,7 +221,7 @@ def _fused_merge_kernel(
         merged = b + lam * merged
     if out_ptr.dtype.element_ty == tl.bfloat16:
         merged = _round_to_bf16(merged)
-    tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + lanes, merged.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -203,21 +234,81 @@ def _masked_l1_kernel(
     """The L1 norms before and after masking (rescale="l1"), per block, reduced on the host in
     fp64. Bytes per element: (N + 1) × input bytes read."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < numel
-    b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    block_start = pid * BLOCK
+    lanes = tl.arange(0, BLOCK)  # int32 per element, as in _fused_merge_kernel
+    valid = lanes < tl.minimum(numel - block_start, BLOCK).to(tl.int32)
+    b = tl.load(base_ptr + block_start + lanes, mask=valid, other=0.0).to(tl.float32)
     for i in range(n_experts):
-        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
-        e = tl.load(e_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype) + block_start
+        e = tl.load(e_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
         tau = tl.where(valid, e - b, 0.0)
         kept = _sparsified_task_vector(
-            tau, offs, i, element_offset,
+            tau, lanes, block_start, i, element_offset,
             thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr, density_ptr, density_ptr, keys_ptr,
-            SPARSIFY, HAS_UPPER, 0,
+            SPARSIFY, HAS_UPPER, 0, BLOCK,
         )
         row = partial_ptr + (i * n_blocks + pid) * 2
         tl.store(row, tl.sum(tl.abs(tau), 0))
         tl.store(row + 1, tl.sum(tl.abs(kept), 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the specialisations ops/fused_merge dispatches to (checked at every launch, compiled by
+# tests/test_aot_compile.py)
+
+# (SPARSIFY, HAS_UPPER): no mask, top-k (magnitude/TIES), top-k minus outliers (breadcrumbs), DARE
+_MASKS = ((SPARSIFY_NONE, False), (SPARSIFY_THRESHOLD, False), (SPARSIFY_THRESHOLD, True), (SPARSIFY_RANDOM, False))
+# (ELECT, DIVIDE): gta_triton's sum/mean without election, and with either election rule
+_COMBINES = (
+    (ELECT_NONE, DIVIDE_NONE), (ELECT_NONE, DIVIDE_WEIGHT),
+    *((elect, divide) for elect in (ELECT_SUM, ELECT_COUNT) for divide in (DIVIDE_NONE, DIVIDE_WEIGHT, DIVIDE_COUNT)),
+)
+
+
+def _merge_flag_sets():
+    for divide in (DIVIDE_NONE, DIVIDE_CONST):  # linear_triton: the experts themselves, Σw-normalised or not
+        yield dict(HAS_BASE=False, SPARSIFY=SPARSIFY_NONE, HAS_UPPER=False, RESCALE=RESCALE_NONE,
+                   ELECT=ELECT_NONE, DIVIDE=divide, BLOCK=BLOCK)
+    for (sparsify, upper), rescale, (elect, divide) in itertools.product(
+        _MASKS, (RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY), _COMBINES
+    ):
+        if sparsify == SPARSIFY_NONE and rescale != RESCALE_NONE:
+            continue  # rescaling only follows a mask
+        yield dict(HAS_BASE=True, SPARSIFY=sparsify, HAS_UPPER=upper, RESCALE=rescale,
+                   ELECT=elect, DIVIDE=divide, BLOCK=BLOCK)
+
+
+_PER_EXPERT_DTYPES = dict(
+    expert_ptrs=torch.int64, active_ptr=torch.int32, weight_ptr=torch.float32, thr_lo_ptr=torch.float32,
+    cut_lo_ptr=torch.int64, thr_hi_ptr=torch.float32, cut_hi_ptr=torch.int64, density_ptr=torch.float32,
+    keys_ptr=torch.int64,
+)
+_INPUTS = S.input_dtype_sets(("base", "experts"), S.MERGE_DTYPES)
+
+FUSED_MERGE_LAUNCHES = S.LaunchTable(
+    _fused_merge_kernel,
+    scalar_types=dict(numel="i32", n_experts="i32", element_offset="i32", lam="fp32", const_divisor="fp32"),
+    specializations=S.specializations(
+        _merge_flag_sets(),
+        _INPUTS,
+        # out is written in base's dtype (fused_merge_triton's default; no caller passes out_dtype)
+        lambda flags, d: dict(base_ptr=d["base"], proto_ptr=d["experts"], out_ptr=d["base"],
+                              scale_ptr=torch.float32, **_PER_EXPERT_DTYPES),
+    ),
+    options=dict(num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS),
+)
+
+MASKED_L1_LAUNCHES = S.LaunchTable(
+    _masked_l1_kernel,
+    scalar_types=dict(numel="i32", n_experts="i32", n_blocks="i32", element_offset="i32"),
+    specializations=S.specializations(
+        # rescale="l1" after a mask: every mask but none
+        (dict(SPARSIFY=sparsify, HAS_UPPER=upper, BLOCK=L1_BLOCK) for sparsify, upper in _MASKS[1:]),
+        _INPUTS,
+        lambda flags, d: dict(base_ptr=d["base"], proto_ptr=d["experts"], partial_ptr=torch.float32,
+                              **{k: v for k, v in _PER_EXPERT_DTYPES.items() if k not in ("active_ptr", "weight_ptr")}),
+    ),
+)
 
 
 def _per_expert(values, dtype, device, n, fill):
@@ -260,7 +351,8 @@ def masked_l1_triton(
         upper_cutoff=upper_cutoff, density=density, keys=keys,
     )
     with device_context(device):
-        _masked_l1_kernel[(n_blocks,)](
+        MASKED_L1_LAUNCHES.launch(
+            (n_blocks,),
             base, expert_pointer_table(experts), experts[0], partial,
             thr, cut, thr_hi, cut_hi, dens, key,
             numel, n, n_blocks, element_offset,
@@ -312,7 +404,8 @@ def fused_merge_triton(
         upper_cutoff=upper_cutoff, density=density, keys=keys,
     )
     with device_context(device):
-        _fused_merge_kernel[(triton.cdiv(numel, BLOCK),)](
+        FUSED_MERGE_LAUNCHES.launch(
+            (triton.cdiv(numel, BLOCK),),
             base_c,
             expert_pointer_table(experts_c),
             experts_c[0],
@@ -334,6 +427,5 @@ def fused_merge_triton(
             ELECT=elect,
             DIVIDE=divide,
             BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
         )
     return out

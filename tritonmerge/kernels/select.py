@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..ops.select import HIGH_BINS, LOW_BINS
+from . import specializations as S
 
 # 1024 elements per program: histogram passes are atomic-bound, not load-bound; small blocks
 # give the scheduler many programs to hide atomic latency.
@@ -52,25 +53,29 @@ def _radix_histogram_kernel(
     """High pass: count bits 30..16 of |τᵢ|. Low pass: count bits 15..0 of the |τᵢ| whose high
     bits equal prefix[i]. Bytes per element: (N + HAS_BASE) × input bytes read; one int64 atomic
     per element and expert (high pass) or per matching element (low pass)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64
-    valid = offs < numel
+    # int64 only in the per-block scalars: per element the index within the block is int32, half
+    # the registers of int64 offsets (those were live across the expert loop, and spilled)
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < tl.minimum(numel - block_start, BLOCK).to(tl.int32)
     if HAS_BASE:
-        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(base_ptr + block_start + lanes, mask=valid, other=0.0).to(tl.float32)
     ones = tl.full([BLOCK], 1, tl.int64)
     for i in range(n_experts):
-        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
-        x = tl.load(e_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype) + block_start
+        x = tl.load(e_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
         if HAS_BASE:
             x = x - b
         bits = tl.abs(x).to(tl.int32, bitcast=True)
         row = hist_ptr + i * BINS
+        # relaxed: the counts are read only after the kernel ends, and the default (acq_rel) puts a
+        # GPU-wide fence before every atomic
         if LOW_PASS:
             prefix = tl.load(prefix_ptr + i)
             hit = valid & ((bits >> 16) == prefix)
-            tl.atomic_add(row + (bits & 0xFFFF), ones, mask=hit)
+            tl.atomic_add(row + (bits & 0xFFFF), ones, mask=hit, sem="relaxed")
         else:
-            tl.atomic_add(row + (bits >> 16), ones, mask=valid)
+            tl.atomic_add(row + (bits >> 16), ones, mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -132,6 +137,53 @@ def _topk_mask_kernel(
         keep = (a > t) | ((a == t) & (offs <= tl.load(cutoff_ptr + i)))
         tl.store(mask_row + offs, keep, mask=valid)
         mask_row += numel  # pointer arithmetic: i·numel never overflows int32
+
+
+# ---------------------------------------------------------------------------------------------
+# the specialisations the launchers below pass (checked at every launch, compiled by
+# tests/test_aot_compile.py). Without a base the launchers pass the first expert in its place.
+
+
+def _select_inputs(has_base: bool):
+    if has_base:
+        return S.input_dtype_sets(("base", "experts"), S.READ_DTYPES)
+    return S.input_dtype_sets(("experts",), S.READ_DTYPES)
+
+
+def _select_table(kernel, flag_sets, scalar_types, pointer_dtypes) -> S.LaunchTable:
+    specs = []
+    for flags in flag_sets:
+        specs += S.specializations([flags], _select_inputs(flags["HAS_BASE"]), pointer_dtypes)
+    return S.LaunchTable(kernel, scalar_types=scalar_types, specializations=specs)
+
+
+def _inputs_pointers(d):
+    return dict(base_ptr=d.get("base", d["experts"]), expert_ptrs=torch.int64, proto_ptr=d["experts"])
+
+
+RADIX_HISTOGRAM_LAUNCHES = _select_table(
+    _radix_histogram_kernel,
+    # the high pass counts into HIGH_BINS bins, the low pass (given the high digit) into LOW_BINS
+    [dict(HAS_BASE=has_base, LOW_PASS=low, BINS=LOW_BINS if low else HIGH_BINS, BLOCK=HIST_BLOCK)
+     for has_base in (True, False) for low in (False, True)],
+    dict(numel="i32", n_experts="i32"),
+    # without a prefix the high pass passes the pointer table as a stand-in prefix_ptr
+    lambda flags, d: dict(**_inputs_pointers(d), hist_ptr=torch.int64,
+                          prefix_ptr=torch.int32 if flags["LOW_PASS"] else torch.int64),
+)
+TIE_COUNT_LAUNCHES = _select_table(
+    _tie_count_kernel,
+    [dict(HAS_BASE=has_base, BLOCK=TIE_BLOCK) for has_base in (True, False)],
+    dict(numel="i32", n_experts="i32", n_blocks="i32"),
+    lambda flags, d: dict(**_inputs_pointers(d), threshold_ptr=torch.float32, counts_ptr=torch.int32),
+)
+TOPK_MASK_LAUNCHES = _select_table(
+    _topk_mask_kernel,
+    [dict(HAS_BASE=has_base, BLOCK=HIST_BLOCK) for has_base in (True, False)],
+    dict(numel="i32", n_experts="i32"),
+    lambda flags, d: dict(**_inputs_pointers(d), threshold_ptr=torch.float32, cutoff_ptr=torch.int64,
+                          mask_ptr=torch.bool),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +249,8 @@ def _histogram(
         return
     ptrs = expert_pointer_table(experts)
     with device_context(experts[0].device):
-        _radix_histogram_kernel[(triton.cdiv(numel, HIST_BLOCK),)](
+        RADIX_HISTOGRAM_LAUNCHES.launch(
+            (triton.cdiv(numel, HIST_BLOCK),),
             base if base is not None else experts[0],
             ptrs,
             experts[0],
@@ -299,7 +352,8 @@ def _tie_cutoffs(
     counts = torch.empty((len(experts), n_blocks), dtype=torch.int32, device=device)
     thr = torch.tensor(thresholds, dtype=torch.float32, device=device)
     with device_context(device):
-        _tie_count_kernel[(n_blocks,)](
+        TIE_COUNT_LAUNCHES.launch(
+            (n_blocks,),
             base if base is not None else experts[0],
             expert_pointer_table(experts),
             experts[0],
@@ -337,7 +391,8 @@ def topk_masks_triton(base: torch.Tensor | None, experts: Sequence[torch.Tensor]
     if numel:
         thr, cut = spec.tensors(device)
         with device_context(device):
-            _topk_mask_kernel[(triton.cdiv(numel, HIST_BLOCK),)](
+            TOPK_MASK_LAUNCHES.launch(
+                (triton.cdiv(numel, HIST_BLOCK),),
                 base if base is not None else flat[0],
                 expert_pointer_table(flat),
                 flat[0],

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops.select import HIGH_BINS
+from . import specializations as S
 from .select import device_context, expert_pointer_table, persistent_grid
 
 # 2048 elements per block: 16-byte vector loads for 2-byte dtypes with 4 warps × 32 threads × 16
@@ -48,12 +49,14 @@ def _task_stats_kernel(
     n_programs = tl.num_programs(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
     for blk in range(pid, n_blocks, n_programs):
-        offs = blk * BLOCK + lanes  # [BLOCK] int64
-        valid = offs < numel
-        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        # int64 only in the per-block scalars: per element the index within the block stays int32,
+        # half the registers of int64 offsets (with the histogram those made ptxas spill)
+        block_start = blk * BLOCK
+        valid = lanes < tl.minimum(numel - block_start, BLOCK).to(tl.int32)
+        b = tl.load(base_ptr + block_start + lanes, mask=valid, other=0.0).to(tl.float32)
         for i in range(n_experts):
-            e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype)
-            e = tl.load(e_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            e_ptr = tl.load(expert_ptrs + i).to(proto_ptr.dtype) + block_start
+            e = tl.load(e_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
             x = tl.where(valid, e - b, 0.0)
             a = tl.abs(x)
             x2 = x * x
@@ -67,6 +70,19 @@ def _task_stats_kernel(
             if WITH_HIST:
                 bins = a.to(tl.int32, bitcast=True) >> 16  # sign bit is 0: bins in [0, HIST_BINS)
                 tl.atomic_add(hist_ptr + i * HIST_BINS + bins, tl.full([BLOCK], 1, tl.int64), mask=valid)
+
+
+TASK_STATS_LAUNCHES = S.LaunchTable(
+    _task_stats_kernel,
+    scalar_types=dict(numel="i32", n_experts="i32", n_blocks="i32"),
+    specializations=S.specializations(
+        (dict(HIST_BINS=HIGH_BINS, WITH_HIST=with_hist, BLOCK=BLOCK) for with_hist in (False, True)),
+        S.input_dtype_sets(("base", "experts"), S.READ_DTYPES),
+        # without a histogram the partials stand in for hist_ptr
+        lambda flags, d: dict(base_ptr=d["base"], expert_ptrs=torch.int64, proto_ptr=d["experts"],
+                              partial_ptr=torch.float64, hist_ptr=torch.int64 if flags["WITH_HIST"] else torch.float64),
+    ),
+)
 
 
 def _contiguous_inputs(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -98,7 +114,8 @@ def task_stats_triton(
     partial = torch.zeros((grid, n, N_PARTIALS), dtype=torch.float64, device=device)
     ptrs = expert_pointer_table(experts)
     with device_context(device):
-        _task_stats_kernel[(grid,)](
+        TASK_STATS_LAUNCHES.launch(
+            (grid,),
             base,
             ptrs,
             experts[0],

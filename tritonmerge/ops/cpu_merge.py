@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .. import self_check
 from ..context import TensorContext
 from ..errors import ParameterError
 from ..params import per_expert
@@ -219,6 +220,7 @@ def _fast(base: torch.Tensor, experts: Sequence[torch.Tensor | None]) -> bool:
     tensors = [base, *(e for e in experts if e is not None)]
     return (
         ck.status() is None
+        and self_check.failure("cpu", torch.device("cpu")) is None
         and len(experts) <= ck.MAX_EXPERTS
         and all(t.device.type == "cpu" and t.dtype in ck.DTYPE_CODES for t in tensors)
     )

@@ -23,6 +23,7 @@ import torch
 
 from ..context import TensorContext
 from ..errors import BackendUnavailableError, ParameterError
+from .. import self_check
 from ..params import per_expert
 from . import rng
 from .select import keep_count
@@ -200,10 +201,32 @@ def use_triton(tensor: torch.Tensor | None, backend: str | None = None) -> bool:
         if tensor.dtype not in (*KERNEL_DTYPES, torch.float64):
             reasons.append(f"dtype {tensor.dtype} is not a float dtype the kernels read")
     if want == "triton":
+        if tensor is not None and not reasons and (why := self_check.failure("triton", tensor.device)):
+            reasons.append(why)
         if reasons:
             raise BackendUnavailableError("backend 'triton' cannot run this primitive: " + "; ".join(reasons))
         return True
-    return not reasons and tensor is not None and tensor.is_cuda
+    if reasons or tensor is None or not tensor.is_cuda:
+        return False
+    if self_check.failure("triton", tensor.device):
+        self_check.announce("triton", tensor.device, "the torch reference")
+        return False
+    return True
+
+
+def _triton_or_reference(what: str, tensor: torch.Tensor, backend: str | None, fast: Callable, reference: Callable):
+    """fast(); under auto selection a kernel that raises disables triton on the tensor's device
+    and reference() redoes the call (an explicit backend="triton" re-raises)."""
+    from .. import backends
+
+    try:
+        return fast()
+    except Exception as exc:
+        if backends.requested_backend(backend) != "auto" or not backends.kernel_fault(exc):
+            raise
+        self_check.disable("triton", tensor.device, f"{what} {tuple(tensor.shape)}: {type(exc).__name__}: {exc}")
+        self_check.announce("triton", tensor.device, "the torch reference")
+        return reference()
 
 
 def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
@@ -213,7 +236,10 @@ def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, ba
     if experts and len({e.dtype for e in experts}) == 1 and use_triton(base, backend):
         from ..kernels.stats import task_stats_triton
 
-        return task_stats_triton(base, experts)[0]
+        return _triton_or_reference(
+            "task_stats", base, backend,
+            lambda: task_stats_triton(base, experts)[0], lambda: task_vector_stats_reference(base, experts),
+        )
     if base.device.type == "cpu" and all(e.device.type == "cpu" for e in experts):
         from .cpu_merge import task_vector_stats_cpu  # falls back to the reference where the C loops can't run
 
@@ -223,23 +249,27 @@ def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, ba
 
 def kth_largest(magnitude: torch.Tensor, k: int, *, backend: str | None = None) -> float:
     """ops/select.kth_largest with dispatch."""
+    from .select import kth_largest as reference
+
     if use_triton(magnitude, backend):
         from ..kernels.select import kth_largest_triton
 
-        return kth_largest_triton(magnitude, k)
-    from .select import kth_largest as reference
-
+        return _triton_or_reference(
+            "kth_largest", magnitude, backend, lambda: kth_largest_triton(magnitude, k), lambda: reference(magnitude, k)
+        )
     return reference(magnitude, k)
 
 
 def topk_mask(magnitude: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """ops/select.topk_mask with dispatch (same set: exactly k, ties to the lowest flat index)."""
+    from .select import topk_mask as reference
+
     if use_triton(magnitude, backend):
         from ..kernels.select import topk_mask_triton
 
-        return topk_mask_triton(magnitude, k)
-    from .select import topk_mask as reference
-
+        return _triton_or_reference(
+            "topk_mask", magnitude, backend, lambda: topk_mask_triton(magnitude, k), lambda: reference(magnitude, k)
+        )
     return reference(magnitude, k)
 
 
@@ -260,5 +290,10 @@ def model_thresholds(
     if use_triton(first, backend):
         from ..kernels.select import model_thresholds_triton
 
-        return model_thresholds_triton(magnitudes, keep_counts)
+        if first is None:
+            return model_thresholds_triton(magnitudes, keep_counts)
+        return _triton_or_reference(
+            "model_thresholds", first, backend,
+            lambda: model_thresholds_triton(magnitudes, keep_counts), lambda: reference(magnitudes, keep_counts),
+        )
     return reference(magnitudes, keep_counts)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
@@ -205,15 +206,31 @@ def adam_update_torch(
     tau.addcdiv_(exp_avg, denom, value=-s.step_size)
 
 
+def _round_to_float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def kernel_step_scalars(
+    step: int, lr: float, beta1: float = BETA1, beta2: float = BETA2, eps: float = ADAM_EPS
+) -> tuple[float, float, float, float, float, float]:
+    """The scalar arguments of the fused kernel's step ``step``, in ``AdamStepScalars`` order
+    (csrc/common.h): lerp weight, β₂, 1 − β₂, 1/bias_correction2_sqrt, eps, −step_size. The
+    extension rounds each to float32, as torch's CUDA kernels round their Scalar arguments."""
+    s = adam_scalars(step, lr, beta1, beta2)
+    # CUDA torch divides by a CPU scalar as a multiplication by its reciprocal, computed in
+    # float32 from the float32-rounded divisor (BinaryDivTrueKernel.cu: opmath_t(1.0) /
+    # iter.scalar_value<opmath_t>(2)); the reciprocal of the double differs from it in some
+    # steps (t = 1, 3, 4, ... for β₂ = 0.999). Dividing in double and rounding to float32 later
+    # gives the float32 quotient exactly (double rounding is harmless for one division).
+    inv_bc2_sqrt = 1.0 / _round_to_float32(s.bias_correction2_sqrt)
+    return (1 - beta1, beta2, 1 - beta2, inv_bc2_sqrt, eps, -s.step_size)
+
+
 def _extension_step(
     ext, tau, exp_avg, exp_avg_sq, P, B, step: int, lr: float, beta1: float, beta2: float, eps: float
 ) -> None:
-    s = adam_scalars(step, lr, beta1, beta2)
-    # CUDA torch divides by a CPU scalar as a multiplication by its reciprocal computed in double
-    # (BinaryDivTrueKernel.cu); the kernel takes that reciprocal so that it rounds the same way
-    inv_bc2_sqrt = 1.0 / s.bias_correction2_sqrt
     ext.wudi_adam_step(
-        tau, exp_avg, exp_avg_sq, P, B, 1 - beta1, beta2, 1 - beta2, inv_bc2_sqrt, eps, -s.step_size,
+        tau, exp_avg, exp_avg_sq, P, B, *kernel_step_scalars(step, lr, beta1, beta2, eps),
         torch.cuda.current_stream(tau.device).cuda_stream,
     )
 
@@ -440,8 +457,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     from ..backends import extension_status
 
+    from .. import self_check
+
     ext, why = extension_status()
     usable = ext is not None and device.type == "cuda" and hasattr(ext, "wudi_adam_step")
+    if usable and (why := self_check.failure("cuda", device)):
+        usable = False
+        if backend == "auto":
+            self_check.announce("cuda", device, "the torch backend")
     if backend == "cuda" and not usable:
         reason = why or ("the device is not CUDA" if device.type != "cuda" else "tritonmerge._C lacks wudi_adam_step")
         raise RuntimeError(f"wudi_solve_batched: backend 'cuda' is unavailable: {reason}")
