@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf inputs and write NaN/Inf results with a warning instead of stopping")
     m.add_argument("--no-prefetch", action="store_true", help="read inputs on the main thread (less memory, slower)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+    m.add_argument("--nproc", type=int, default=1, metavar="N", help="merge with N local processes (torch.distributed, started through torch's own launcher; with --device cuda one per GPU); for several machines start `torchrun ... -m tritonmerge merge` yourself (default: 1)")
 
     d = sub.add_parser("demo", help="build a small Llama-shaped base + 3 experts and merge them with wudi and ties")
     d.add_argument("dir", nargs="?", default="tritonmerge_demo", help="folder for the demo (default: ./tritonmerge_demo)")
@@ -74,6 +75,7 @@ def _tune_malloc() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tritonmerge`` console script; returns the exit code."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -82,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_malloc()
     try:
         if args.command == "merge":
+            if args.nproc < 1:
+                print(f"tritonmerge: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+                return EXIT_USAGE
+            if args.nproc > 1 and not _under_launcher():
+                return _launch_ranks(args.nproc, _without_nproc(argv))
             return _merge(args)
         if args.command == "demo":
             from .demo import run_demo
@@ -109,6 +116,55 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _under_launcher() -> bool:
+    from .distributed import launched
+
+    return launched()
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch_ranks(nproc: int, argv: Sequence[str]) -> int:
+    """``--nproc N``: the same command in N processes, started by torch's launcher
+    (``torch.distributed.run``, what ``torchrun`` runs) on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # torch's launcher would pin every rank to 1 thread (with a banner); share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the launcher logs every rank's exit at warning/error level; the ranks' own errors and the
+    # one line below say what a user needs
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    launcher_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "tritonmerge", *argv]
+    )
+    try:
+        run(launcher_args)
+    except ChildFailedError as exc:
+        failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        if not failures:
+            print(f"tritonmerge: error: the merge on {nproc} processes failed", file=sys.stderr)
+            return EXIT_USAGE
+        rank, first = failures[0]
+        print(
+            f"tritonmerge: error: {len(failures)} of {nproc} processes failed (first rank {rank}, exit code "
+            f"{first.exitcode}); the reason is above",
+            file=sys.stderr,
+        )
+        return first.exitcode if first.exitcode > 0 else EXIT_USAGE
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .engine import MergeOptions, run_merge
 
@@ -127,6 +183,10 @@ def _merge(args: argparse.Namespace) -> int:
         prefetch=not args.no_prefetch,
     )
     result = run_merge(args.config, args.out_dir, options)
+    from .distributed import launched
+
+    if launched() and os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 speaks for the job
     if not args.dry_run and not args.quiet:
         gbs = result.throughput / 1e9 if result.seconds > 0 else float("nan")
         print(

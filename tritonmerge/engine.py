@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -59,9 +60,17 @@ from .io.writer import (
     replaced_dir,
     write_index,
 )
+from . import distributed
+from .distributed import SINGLE, Ranks
 from .registry import Composite
 
 log = logging.getLogger("tritonmerge")
+
+# in the partial folder of a distributed merge: each rank's bytes merged so far, for rank 0's bar
+PROGRESS_DIR = ".progress"
+
+# a rank whose run rank 0 refused exits with this status and no message of its own
+EXIT_REFUSED_ELSEWHERE = 2
 
 VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "tok_embeddings", "word_embeddings", "embed_out", "output.weight")
 
@@ -549,16 +558,47 @@ class StreamingSource:
     """``TensorSource`` over checkpoints on disk; reads the next name in ``names`` order on a
     background thread while the caller works on the current one."""
 
-    def __init__(self, plan: MergePlan, reader: TensorReader, device: torch.device, checked: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        reader: TensorReader,
+        device: torch.device,
+        checked: set[str] | None = None,
+        ranks: Ranks = SINGLE,
+        local: set[str] | None = None,
+    ) -> None:
         self._plan = plan
         self._checked = checked
         self._reader = reader
         self._device = device
         self.names = list(plan.names)
         self.n_experts = plan.n_experts
-        self._pos = {n: i for i, n in enumerate(self.names)}
+        # a distributed merge: this rank loads only ``local``, and the analyses combine results
+        # through the rank group (source.local_names / gathered / count_combiner)
+        self._ranks = ranks
+        self._local = local
+        if ranks.distributed:
+            self.sum_counts = ranks.sum_counts
+        # read ahead in the order this process loads: its own tensors in plan order
+        order = self.names if local is None else [n for n in self.names if n in local]
+        self._next = {a: b for a, b in zip(order, order[1:])}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tritonmerge-analysis")
         self._ahead: tuple[str, concurrent.futures.Future] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def local_names(self, names: Sequence[str]) -> list[str]:
+        return list(names) if self._local is None else [n for n in names if n in self._local]
+
+    def gather(self, per_name: Mapping[str, Any]) -> dict[str, Any]:
+        if not self._ranks.distributed:
+            return dict(per_name)
+        merged: dict[str, Any] = {}
+        for part in self._ranks.all_gather(dict(per_name)):
+            merged.update(part)
+        return merged
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._plan.base.tensors[name].shape
@@ -577,9 +617,8 @@ class StreamingSource:
                 self._ahead[1].result()  # never leave a read running unobserved
             base, experts = self._read(name)
         self._ahead = None
-        i = self._pos.get(name)
-        if i is not None and i + 1 < len(self.names):
-            nxt = self.names[i + 1]
+        nxt = self._next.get(name)
+        if nxt is not None:
             self._ahead = (nxt, self._pool.submit(self._read, nxt))
         return _to_device(self._plan, base, experts, self._device, self._plan.out_entries[name].dtype)
 
@@ -674,6 +713,8 @@ def run_merge(
     output, the output's state, free disk, the lock) runs before the partial folder is created,
     so a refused run leaves nothing behind and the corrected command simply works."""
     options = options or MergeOptions()
+    if distributed.launched():
+        return _run_ranks(config, out_dir, options, echo)
     say = echo or (lambda s: None if options.quiet else print(s, file=sys.stderr))
     device = _device(options.device)
     plan = plan_merge(config, out_dir, options)
@@ -717,23 +758,7 @@ def _make_parents(folder: Path) -> list[Path]:
 
 def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable[[str], None]) -> MergeResult:
     options, tmp = plan.options, plan.tmp_dir
-    manifest = Manifest(tmp, plan.fingerprint)
-    done_shards: set[str] = set()
-    if state == "resume":
-        done_shards = manifest.verified_shards(plan.shards)
-    already = sum(s.file_bytes for s in plan.shards if s.filename in done_shards)
-    _check_disk(plan, already)
-
-    # -- the partial folder is touched from here on ------------------------------------------
-    if state == "fresh" and tmp.exists():
-        shutil.rmtree(tmp)  # --overwrite: a stale partial folder (ours, checked) is discarded
-    tmp.mkdir(exist_ok=True)
-    for s in plan.shards:
-        if s.filename not in done_shards and (tmp / s.filename).exists():
-            (tmp / s.filename).unlink()
-    manifest.save()
-    if done_shards:
-        say(f"resuming: {len(done_shards)} of {len(plan.shards)} shard(s) verified and kept")
+    manifest, done_shards = _prepare_partial(plan, state, say)
 
     report = MergeReport(method=plan.config.spec.name)
     reader = TensorReader(pin_memory=device.type == "cuda")
@@ -767,6 +792,32 @@ def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable
     return result
 
 
+def _prepare_partial(plan: MergePlan, state: str, say: Callable[[str], None]) -> tuple[Manifest, set[str]]:
+    """Check the disk, then make the partial folder ready: verified shards (of any earlier
+    process, on --resume) kept in one manifest, everything else of an earlier run removed.
+    Returns the manifest and the finished shards."""
+    tmp = plan.tmp_dir
+    manifest = Manifest(tmp, plan.fingerprint)
+    done_shards: set[str] = set()
+    if state == "resume":
+        done_shards = manifest.verified_shards(plan.shards)
+    already = sum(s.file_bytes for s in plan.shards if s.filename in done_shards)
+    _check_disk(plan, already)
+
+    # -- the partial folder is touched from here on ------------------------------------------
+    if state == "fresh" and tmp.exists():
+        shutil.rmtree(tmp)  # --overwrite: a stale partial folder (ours, checked) is discarded
+    tmp.mkdir(exist_ok=True)
+    for s in plan.shards:
+        if s.filename not in done_shards and (tmp / s.filename).exists():
+            (tmp / s.filename).unlink()
+    shutil.rmtree(tmp / PROGRESS_DIR, ignore_errors=True)
+    manifest.absorb_rank_files()
+    if done_shards:
+        say(f"resuming: {len(done_shards)} of {len(plan.shards)} shard(s) verified and kept")
+    return manifest, done_shards
+
+
 def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest, exc: BaseException) -> str:
     """After a failed run: keep the partial folder when it holds finished shards (for --resume),
     remove it when it holds nothing worth resuming. Returns what was done, for the error."""
@@ -797,12 +848,16 @@ def _merge_pass(
     done_shards: set[str],
     result: MergeResult,
     checked: set[str] | None = None,
+    progress: Any = None,
 ) -> None:
+    """Merge and write every shard not in ``done_shards`` (finished, or another rank's).
+    ``progress`` (with update(bytes)) replaces the process's own bar; its caller closes it."""
     opts = plan.options
     skip_names = {e.name for s in plan.shards if s.filename in done_shards for e in s.entries}
     units = [u for u in plan.units if u.name not in skip_names]
     total = sum(u.in_bytes for u in units)
-    bar = _progress(total, opts.quiet)
+    own_bar = progress is None
+    bar = _progress(total, opts.quiet) if own_bar else progress
     writer = ShardedWriter(
         plan.tmp_dir,
         plan.shards,
@@ -865,7 +920,7 @@ def _merge_pass(
         if not ok:
             writer.abort()
         prefetch.close()
-        if bar is not None:
+        if bar is not None and own_bar:
             bar.close()
 
 
@@ -907,3 +962,255 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
         tensors.update(rec.get("report", {}))
     if tensors:
         outfolder.write_json(out, outfolder.REPORT_NAME, {"tensors": dict(sorted(tensors.items()))})
+
+
+# ------------------------------------------------------------------------------------------------
+# several processes (torchrun): see distributed.py for the design
+
+# a work unit's estimated cost, in bytes moved: its reads and writes plus, for methods that run
+# matrix products per tensor (WUDI), their floating-point work at this many operations per byte
+FLOPS_PER_BYTE = 64.0
+
+
+def _unit_cost(plan: MergePlan, unit: WorkUnit) -> float:
+    cost = float(unit.in_bytes + unit.out_bytes)
+    spec, params = plan.config.spec.innermost(plan.params[unit.name])
+    shape = plan.base.tensors[unit.name].shape
+    if spec.name == "wudi" and len(shape) == 2:
+        m, n = shape
+        steps = 1 if getattr(params, "solver", "adam") == "exact" else max(int(getattr(params, "steps", 1)), 1)
+        # Adam: per step one [m, n] x [n, n] product per task; exact: one n x n solve per row block
+        cost += steps * 2.0 * plan.n_experts * m * n * n / FLOPS_PER_BYTE
+    return cost
+
+
+def _shard_costs(plan: MergePlan) -> list[float]:
+    per_tensor: dict[str, float] = {}
+    for u in plan.units:
+        per_tensor[u.name] = per_tensor.get(u.name, 0.0) + _unit_cost(plan, u)
+    return [sum(per_tensor[e.name] for e in s.entries) for s in plan.shards]
+
+
+def _rank_device(name: str, ranks: Ranks) -> torch.device:
+    """``cuda`` binds each rank to its local GPU; an explicit ``cuda:N`` or ``cpu`` is kept."""
+    dev = _device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    return dev
+
+
+class _RankProgress:
+    """One bar for the whole job on rank 0: its own bytes plus what the other ranks report in
+    small files of the partial folder (polled twice a second); the other ranks write those."""
+
+    def __init__(self, plan: MergePlan, ranks: Ranks, total: int) -> None:
+        self._ranks = ranks
+        self._folder = plan.tmp_dir / PROGRESS_DIR
+        self._mine = 0
+        self._last_write = 0.0
+        self._stop = threading.Event()
+        self._bar = _progress(total, plan.options.quiet) if ranks.leader else None
+        self._poller = None
+        self._folder.mkdir(exist_ok=True)
+        if self._bar is not None:
+            self._poller = threading.Thread(target=self._poll, name="tritonmerge-progress", daemon=True)
+            self._poller.start()
+
+    def _others(self) -> int:
+        done = 0
+        for path in self._folder.glob("rank-*"):
+            try:
+                done += int(path.read_text(encoding="utf-8") or 0)
+            except (OSError, ValueError):
+                pass  # being replaced right now: counted at the next poll
+        return done
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self._bar.n = self._mine + self._others()
+            self._bar.refresh()
+
+    def update(self, nbytes: int) -> None:
+        self._mine += nbytes
+        if self._ranks.leader:
+            return
+        now = time.monotonic()
+        if now - self._last_write >= 0.25:
+            self._write()
+            self._last_write = now
+
+    def _write(self) -> None:
+        path = self._folder / f"rank-{self._ranks.rank}"
+        tmp = path.with_name(f".{path.name}.tmp")  # hidden: not matched by the poll's rank-*
+        tmp.write_text(str(self._mine), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if not self._ranks.leader:
+            self._write()
+            return
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+        if self._bar is not None:
+            self._bar.n = self._mine + self._others()
+            self._bar.close()
+
+
+def _run_ranks(
+    config: MergeConfig | str | os.PathLike | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    options: MergeOptions,
+    echo: Callable[[str], None] | None,
+) -> MergeResult:
+    ranks = distributed.join(options.device)
+    try:
+        return _merge_on_ranks(config, out_dir, options, echo, ranks)
+    except TritonMergeError as exc:
+        raise type(exc)(f"{ranks.label()}: {exc}") from None
+    finally:
+        ranks.close()
+
+
+def _merge_on_ranks(config, out_dir, options: MergeOptions, echo, ranks: Ranks) -> MergeResult:
+    leader = ranks.leader
+    say = echo or (lambda s: None if options.quiet or not leader else print(s, file=sys.stderr))
+    # 1. rank 0 plans and runs every check a single process runs; the others wait for the verdict
+    plan = None
+    verdict: tuple = ("ok", None)
+    if leader:
+        try:
+            device = _rank_device(options.device, ranks)
+            plan = plan_merge(config, out_dir, options)
+            _check_backend(plan, device)
+            verdict = ("ok", plan.fingerprint)
+        except TritonMergeError as exc:
+            verdict = ("refused", str(exc))
+            ranks.broadcast(verdict)
+            raise
+    verdict = ranks.broadcast(verdict)
+    if verdict[0] == "refused":
+        raise SystemExit(EXIT_REFUSED_ELSEWHERE)  # rank 0 says why
+    if not leader:
+        device = _rank_device(options.device, ranks)
+        plan = plan_merge(config, out_dir, options)
+        if plan.fingerprint != verdict[1]:
+            raise CheckpointError(
+                "the plan made here differs from rank 0's: the inputs, config or options do not look the same "
+                "from this machine (a distributed merge needs them on a filesystem every rank sees alike)"
+            )
+        _check_backend(plan, device)
+    if options.dry_run:
+        if leader:
+            holder = OutputLock(plan.out_dir).holder()
+            if holder is not None:
+                raise OutputLockedError(f"another tritonmerge (pid {holder or '?'}) is writing {plan.out_dir}")
+            _check_output(plan)
+            print(plan.describe())
+            print(f"disk:          {_check_disk(plan, 0)}")
+            print(f"ranks:         {ranks.world} (whole shards dealt by estimated cost)")
+        return MergeResult(out_dir=plan.out_dir, plan=plan)
+
+    # 2. rank 0 takes the lock and readies the partial folder
+    lock = OutputLock(plan.out_dir) if leader else None
+    created: list[Path] = []
+    manifest = None
+    status: tuple = ("run", "fresh", [])
+    try:
+        if leader:
+            try:
+                created = _make_parents(plan.out_dir.parent)
+                lock.acquire()
+                state = _check_output(plan)
+                if state == "complete":
+                    status = ("complete",)
+                else:
+                    manifest, done = _prepare_partial(plan, state, say)
+                    status = ("run", state, sorted(done))
+            except TritonMergeError as exc:
+                ranks.broadcast(("refused", str(exc)))
+                raise
+        status = ranks.broadcast(status)
+        if status[0] == "refused":
+            raise SystemExit(EXIT_REFUSED_ELSEWHERE)
+        if status[0] == "complete":
+            say(f"{plan.out_dir} already holds this merge's finished output; nothing to do")
+            return MergeResult(out_dir=plan.out_dir, plan=plan)
+        return _ranks_merge(plan, ranks, device, manifest, set(status[2]), say)
+    finally:
+        if lock is not None:
+            lock.release()
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _ranks_merge(
+    plan: MergePlan, ranks: Ranks, device: torch.device, manifest: Manifest | None, done: set[str], say
+) -> MergeResult:
+    leader, tmp = ranks.leader, plan.tmp_dir
+    if manifest is None:
+        manifest = Manifest(tmp, plan.fingerprint, rank=ranks.rank)
+    costs = _shard_costs(plan)
+    # the analysis covers every tensor (also those of finished shards); the merge what is left
+    analysis_owner = distributed.deal(costs, ranks.world)
+    analysed_here = {e.name for s, r in zip(plan.shards, analysis_owner) if r == ranks.rank for e in s.entries}
+    left = [i for i, s in enumerate(plan.shards) if s.filename not in done]
+    merge_owner = distributed.deal([costs[i] for i in left], ranks.world)
+    written_here = {plan.shards[i].filename for i, r in zip(left, merge_owner) if r == ranks.rank}
+    not_here = {s.filename for s in plan.shards} - written_here
+    if leader and done:
+        say(f"resuming on {ranks.world} ranks")
+
+    report = MergeReport(method=plan.config.spec.name)
+    reader = TensorReader(pin_memory=device.type == "cuda")
+    result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done))
+    t0 = time.perf_counter()
+    try:
+        decisions = ModelDecisions()
+        checked: set[str] = set()
+        if plan.needs_analysis:
+            say(f"analysis pass over {len(plan.names)} tensors on {ranks.world} ranks ...")
+            source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=analysed_here)
+            try:
+                decisions = _analyze(plan, source)
+            finally:
+                source.close()
+        report.decisions = decisions
+        remaining = sum(u.in_bytes for u in plan.units if u.name not in
+                        {e.name for s in plan.shards if s.filename in done for e in s.entries})
+        progress = _RankProgress(plan, ranks, remaining)
+        try:
+            _merge_pass(plan, reader, device, decisions, report, manifest, not_here, result, checked, progress)
+            # 3. finalize: rank 0 collects every rank's shard records (waiting for all of them)
+            parts = ranks.all_gather((manifest.shards if not leader else {}, result.bytes_read, result.bytes_written))
+        finally:
+            progress.close()
+    except BaseException as exc:
+        if isinstance(exc, TritonMergeError) and not isinstance(exc, OutputLockedError):
+            raise type(exc)(f"{exc}; {_ranks_partial_note(plan, exc)}") from None
+        raise
+    finally:
+        reader.close()
+    result.seconds = time.perf_counter() - t0
+    result.bytes_read = sum(p[1] for p in parts)
+    result.bytes_written = sum(p[2] for p in parts)
+    if leader:
+        for shards, _, _ in parts:
+            manifest.shards.update(shards)
+        manifest.absorb_rank_files()
+        shutil.rmtree(tmp / PROGRESS_DIR, ignore_errors=True)
+        _finalize(plan, decisions, manifest)
+        commit(tmp, plan.out_dir, overwrite=plan.options.overwrite or plan.options.force_overwrite)
+    return result
+
+
+def _ranks_partial_note(plan: MergePlan, exc: BaseException) -> str:
+    """What a failed rank says of the partial folder: kept as it is (other ranks may have
+    finished shards in it), with how to continue."""
+    how = "run again with --resume (any number of ranks) to continue"
+    if isinstance(exc, NonFiniteInputError):
+        how = "run again with --resume --allow-nonfinite to merge it as it is, or fix the input and start over with --overwrite"
+    return f"finished shards are kept in {plan.tmp_dir}; {how}"

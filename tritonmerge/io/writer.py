@@ -142,10 +142,15 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 class Manifest:
-    """Checksums of finished shards plus the fingerprint of the plan that made them."""
+    """Checksums of finished shards plus the fingerprint of the plan that made them.
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.path = folder / MANIFEST_NAME
+    A distributed merge's rank r > 0 records the shards it writes in a file of its own
+    (``rank_manifest_name(r)``) beside the main one, so that no two processes write one file;
+    rank 0 folds them into the main manifest when the output is finalized. Resuming reads them
+    all, so a merge can be resumed with any number of processes."""
+
+    def __init__(self, folder: Path, fingerprint: str, rank: int = 0) -> None:
+        self.path = folder / (MANIFEST_NAME if rank == 0 else rank_manifest_name(rank))
         self.fingerprint = fingerprint
         self.shards: dict[str, dict[str, Any]] = {}
 
@@ -155,32 +160,51 @@ class Manifest:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
 
+    def rank_files(self) -> list[Path]:
+        """The manifests of other processes of a distributed merge found beside this one."""
+        return sorted(self.path.parent.glob(RANK_MANIFEST_GLOB))
+
     def verified_shards(self, shards: Sequence[ShardPlan]) -> set[str]:
-        """Load the manifest found in the folder and return the shards whose files still match it.
+        """Load the manifests found in the folder (the main one and any rank's) and return the
+        shards whose files still match them.
 
         Raises when the folder was made by a different plan (other inputs, config or options)."""
-        if not self.path.is_file():
-            return set()
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read the resume manifest {self.path}: {exc}") from None
-        if data.get("plan") != self.fingerprint:
-            raise CheckpointError(
-                f"the partial output in {self.path.parent} was made from a different config, inputs or "
-                f"options; it cannot be resumed (use --overwrite to start over)"
-            )
+        files = [p for p in (self.path, *self.rank_files()) if p.is_file()]
         planned = {s.filename: s for s in shards}
         good: set[str] = set()
-        for fname, rec in data.get("shards", {}).items():
-            p = self.path.parent / fname
-            shard = planned.get(fname)
-            if shard is None or not p.is_file() or p.stat().st_size != shard.file_bytes:
-                continue
-            if file_sha256(p) == rec.get("sha256"):
-                good.add(fname)
-                self.shards[fname] = rec
+        for path in files:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot read the resume manifest {path}: {exc}") from None
+            if data.get("plan") != self.fingerprint:
+                raise CheckpointError(
+                    f"the partial output in {path.parent} was made from a different config, inputs or "
+                    f"options; it cannot be resumed (use --overwrite to start over)"
+                )
+            for fname, rec in data.get("shards", {}).items():
+                p = path.parent / fname
+                shard = planned.get(fname)
+                if fname in good or shard is None or not p.is_file() or p.stat().st_size != shard.file_bytes:
+                    continue
+                if file_sha256(p) == rec.get("sha256"):
+                    good.add(fname)
+                    self.shards[fname] = rec
         return good
+
+    def absorb_rank_files(self) -> None:
+        """Fold the shards recorded by other processes' manifests (already loaded into
+        ``shards``) into this one on disk, and remove their files."""
+        self.save()
+        for path in self.rank_files():
+            path.unlink()
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"tritonmerge_checksums.rank-{rank}.json"
+
+
+RANK_MANIFEST_GLOB = "tritonmerge_checksums.rank-*.json"
 
 
 def open_shard_file(path: Path):

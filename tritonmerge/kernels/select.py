@@ -436,14 +436,25 @@ def model_thresholds_triton(
     keep_counts: Sequence[int],
     *,
     with_base: bool = False,
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[float]:
     """ops/select.model_thresholds with histogram kernels: per expert, the k-th largest magnitude
     over all of its tensors (ties at the threshold are all kept by the caller's ``>=``).
 
     ``magnitudes()`` is called twice and yields, tensor by tensor, one magnitude tensor per expert;
     with ``with_base=True`` it yields ``(base, experts)`` instead and |expert − base| is formed in
-    registers (no magnitude tensor is materialised)."""
+    registers (no magnitude tensor is materialised). ``combine`` as in ops/select (then
+    ``device`` says where the counts live when this process's share is empty)."""
     n = len(keep_counts)
+    if combine is not None:
+        empty = torch.device(device) if device is not None else torch.device("cpu")
+
+        def passes_combined(hist, prefix, bins):
+            counts = passes(hist, prefix, bins)
+            return combine(counts if counts is not None else torch.zeros((n, bins), dtype=torch.int64, device=empty))
+    else:
+        passes_combined = None
 
     def passes(hist: torch.Tensor | None, prefix: torch.Tensor | None, bins: int):
         for item in magnitudes():
@@ -459,7 +470,8 @@ def model_thresholds_triton(
                     _histogram(b, [e], hist[i : i + 1], None if low_prefix is None else low_prefix[i : i + 1])
         return hist
 
-    high = passes(None, None, HIGH_BINS)
+    counted = passes_combined or passes
+    high = counted(None, None, HIGH_BINS)
     if high is None:
         raise ValueError("model_thresholds_triton: the model has no tensors")
     totals = high.sum(1).cpu().tolist()
@@ -467,5 +479,5 @@ def model_thresholds_triton(
         if not 1 <= k <= total:
             raise ValueError(f"expert {i}: keep count {k} out of range for {total} elements")
     ks = torch.tensor(list(keep_counts), dtype=torch.int64, device=high.device)
-    bits, _, _ = radix_select(high, ks, lambda prefix: passes(None, prefix, LOW_BINS))
+    bits, _, _ = radix_select(high, ks, lambda prefix: counted(None, prefix, LOW_BINS))
     return bits.view(torch.float32).cpu().tolist()

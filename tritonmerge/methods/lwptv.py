@@ -42,7 +42,7 @@ from ..errors import ParameterError, UnknownMethodError
 from ..ops.stats import STAT_COLUMNS, task_vector_stats
 from ..params import MethodParams, validate_params
 from ..registry import Composite, MergeMethod, get_method, register
-from ..source import TensorSource
+from ..source import TensorSource, gathered, local_names
 from .tadrop import statistic_from_stats
 
 Score = Literal["l2_ratio", "rms_ratio", "l1_ratio", "kurtosis", "l1_l2", "cosine_to_mean"]
@@ -235,20 +235,24 @@ def collect_layer_stats(
     need_gram = p.score == "cosine_to_mean"
     gram = torch.zeros(len(layers), n, n, dtype=torch.float64) if need_gram else None
     position = {layer: li for li, layer in enumerate(layers)}
-    rows: dict[int, list[torch.Tensor]] = {li: [] for li in range(len(layers))}
-    # source order, not layer order: a streaming source reads ahead in that order
-    for name in source.names:
-        layer = scored_layer(name, source.dtype(name), p)
-        if layer is None:
-            continue
-        li = position[layer]
+    scored = [name for name in source.names if scored_layer(name, source.dtype(name), p) is not None]
+    # each tensor's numbers from that tensor alone (by the process holding it), then summed in
+    # source order: the same float64 additions however the model is split
+    per_tensor: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name in local_names(source, scored):  # source order: a streaming source reads ahead in it
         base, experts = source.load(name)
         keep = decisions.tensors[name].keep if name in decisions.tensors else None
         if keep is not None:
             experts = [e if k else base for e, k in zip(experts, keep)]
-        rows[li].append(task_vector_stats(base, experts))
+        per_tensor[name] = (task_vector_stats(base, experts).cpu(), gram_matrix(base, experts) if need_gram else None)
+    per_tensor = gathered(source, per_tensor)
+    rows: dict[int, list[torch.Tensor]] = {li: [] for li in range(len(layers))}
+    for name in scored:
+        li = position[scored_layer(name, source.dtype(name), p)]
+        tensor_stats, tensor_gram = per_tensor[name]
+        rows[li].append(tensor_stats)
         if gram is not None:
-            gram[li] += gram_matrix(base, experts)
+            gram[li] += tensor_gram
     for li, layer_rows in rows.items():
         stats[:, li] = aggregate_stats(layer_rows)
     return layers, by_layer, stats, gram

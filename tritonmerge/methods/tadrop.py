@@ -46,7 +46,7 @@ from ..errors import ParameterError, UnknownMethodError
 from ..ops.stats import STAT_COLUMNS, task_vector_stats
 from ..params import MethodParams, per_expert
 from ..registry import Composite, MergeMethod, get_method, register
-from ..source import TensorSource
+from ..source import TensorSource, gathered, local_names
 
 # Methods whose ``density`` TADrop can adapt per tensor (the task-arithmetic family's sparsifiers).
 SPARSIFYING = (
@@ -371,10 +371,12 @@ def collect_statistics(
     p: TadropParams, source: TensorSource, decisions: ModelDecisions, names: Sequence[str]
 ) -> torch.Tensor:
     """One streaming read of ``names``: the oriented statistic [N, T] (row per task; in pooled
-    mode every row is the pooled value). Pruned experts (LwPTV keep=False) contribute nothing."""
+    mode every row is the pooled value). Pruned experts (LwPTV keep=False) contribute nothing.
+    Each tensor's column is computed from that tensor alone, by the process that holds it."""
     n = source.n_experts
     table = torch.full((n, len(names)), float("nan"), dtype=torch.float64)
-    for j, name in enumerate(names):
+    columns: dict[str, tuple[list[int], torch.Tensor]] = {}
+    for name in local_names(source, names):
         base, experts = source.load(name)
         keep = decisions.tensors[name].keep if name in decisions.tensors else None
         kept = [i for i in range(n) if keep is None or keep[i]]
@@ -392,10 +394,10 @@ def collect_statistics(
             values = negentropy_from_histogram(torch.stack(hists))
         else:
             values = statistic_from_stats(task_vector_stats(zero, kept_experts), p.statistic)
-        if p.pool == "pooled":
-            table[kept, j] = values[0]
-        else:
-            table[kept, j] = values
+        columns[name] = (kept, values[0].expand(len(kept)) if p.pool == "pooled" else values)
+    position = {name: j for j, name in enumerate(names)}
+    for name, (kept, values) in gathered(source, columns).items():
+        table[kept, position[name]] = values.cpu().to(torch.float64)
     return table
 
 

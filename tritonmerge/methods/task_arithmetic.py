@@ -38,7 +38,7 @@ from ..ops.sparsify import (
 )
 from ..params import MethodParams, PerModel, per_expert
 from ..registry import MergeMethod, register
-from ..source import TensorSource
+from ..source import TensorSource, count_combiner, local_names
 
 Sparsify = Literal["magnitude", "random", "breadcrumbs", "della"]
 
@@ -209,24 +209,31 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
     def keep_flags(name: str) -> list[bool] | None:
         return decisions.tensors[name].keep if name in decisions.tensors else None
 
+    # this process's share of the tensors; the histograms are summed over every process's share
+    mine = local_names(source, names)
+
     def magnitudes():
-        for name in names:
+        for name in mine:
             base, experts = source.load(name)
             keep = keep_flags(name)
             taus = task_vectors(base, experts)
             yield [t.abs() if keep is None or keep[i] else torch.zeros_like(t) for i, t in enumerate(taus)]
 
     def pairs():  # (base, experts) with pruned experts as None: the fused CPU histograms form τ themselves
-        for name in names:
+        for name in mine:
             base, experts = source.load(name)
             keep = keep_flags(name)
             yield base, [e if keep is None or keep[i] else None for i, e in enumerate(experts)]
 
-    on_cpu = not names or not source.load(names[0])[0].is_cuda
+    combine = count_combiner(source)
+    device = getattr(source, "device", None)
+    if device is None:  # a source that does not say where it loads to: look at the first tensor
+        device = source.load(mine[0])[0].device if mine else torch.device("cpu")
+    on_cpu = torch.device(device).type == "cpu"
     if on_cpu and backends.cpu_status() is None and backends.requested_backend() in ("auto", "cpu"):
-        thresholds = cpu_merge.model_thresholds_cpu(pairs, counts)
+        thresholds = cpu_merge.model_thresholds_cpu(pairs, counts, combine)
     else:
-        thresholds = fused_merge.model_thresholds(magnitudes, counts)
+        thresholds = fused_merge.model_thresholds(magnitudes, counts, combine=combine, device=device)
     for name in names:
         decisions.for_tensor(name).threshold = thresholds
     decisions.summary["ties_model_topk"] = {

@@ -229,6 +229,7 @@ def _fast(base: torch.Tensor, experts: Sequence[torch.Tensor | None]) -> bool:
 def model_thresholds_cpu(
     tensors: Callable[[], Iterable[tuple[torch.Tensor, Sequence[torch.Tensor | None]]]],
     keep_counts: Sequence[int],
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """ops.select.model_thresholds for TIES ``topk_scope="model"``, from (base, experts) pairs:
     per expert the keep_counts[i]-th largest |τᵢ| over every tensor (entries >= it are kept).
@@ -236,8 +237,9 @@ def model_thresholds_cpu(
     ``tensors()`` yields (base, [expertᵢ or None]) tensor after tensor and is called twice; None
     is a zero task vector (an LwPTV-pruned layer, counted as zeros like the reference). Each
     pass reads base and experts once through the fused histograms (torch bincount for tensors
-    the C loops do not take); τ is never materialised."""
+    the C loops do not take); τ is never materialised. ``combine`` as in ops.select."""
     n = len(keep_counts)
+    combine = combine or (lambda counts: counts)
     high = torch.zeros((n, ck.HIGH_BINS), dtype=torch.int64)
     for base, experts in tensors():
         if _fast(base, experts):
@@ -245,6 +247,7 @@ def model_thresholds_cpu(
         else:
             for i, e in enumerate(experts):
                 high[i] += torch.bincount(_tau_bits(base, e) >> 16, minlength=ck.HIGH_BINS).cpu()
+    high = combine(high)
     bins, remaining = [], []
     for i in range(n):
         above = torch.flip(torch.cumsum(torch.flip(high[i], [0]), 0), [0])
@@ -262,6 +265,7 @@ def model_thresholds_cpu(
             for i, e in enumerate(experts):
                 bits = _tau_bits(base, e)
                 low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=ck.LOW_BINS).cpu()
+    low = combine(low)
     thresholds = []
     for i in range(n):
         low_above = torch.flip(torch.cumsum(torch.flip(low[i], [0]), 0), [0])

@@ -278,22 +278,32 @@ def model_thresholds(
     keep_counts: Sequence[int],
     *,
     backend: str | None = None,
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[float]:
-    """ops/select.model_thresholds with dispatch, decided on the first tensor's device (one
-    extra load of the first item of ``magnitudes()``)."""
+    """ops/select.model_thresholds with dispatch, decided on ``device`` (where the tensors
+    live), else on the first tensor's (one extra load of the first item of ``magnitudes()``).
+    ``combine`` as in ops/select."""
     from .select import model_thresholds as reference
 
-    first = None
-    for per_expert_tensors in magnitudes():
-        first = per_expert_tensors[0] if per_expert_tensors else None
-        break
+    if device is not None:
+        first = torch.empty(0, device=device)
+    else:
+        first = None
+        for per_expert_tensors in magnitudes():
+            first = per_expert_tensors[0] if per_expert_tensors else None
+            break
     if use_triton(first, backend):
         from ..kernels.select import model_thresholds_triton
 
+        fast = lambda: model_thresholds_triton(magnitudes, keep_counts, combine=combine, device=device)  # noqa: E731
         if first is None:
-            return model_thresholds_triton(magnitudes, keep_counts)
+            return fast()
+        if combine is not None:
+            # a fallback after a kernel fault would leave the other processes waiting in a
+            # collective this one no longer makes: fail instead
+            return fast()
         return _triton_or_reference(
-            "model_thresholds", first, backend,
-            lambda: model_thresholds_triton(magnitudes, keep_counts), lambda: reference(magnitudes, keep_counts),
+            "model_thresholds", first, backend, fast, lambda: reference(magnitudes, keep_counts),
         )
-    return reference(magnitudes, keep_counts)
+    return reference(magnitudes, keep_counts, combine)

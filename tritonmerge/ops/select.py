@@ -89,18 +89,23 @@ def topk_mask_sorted(magnitude: torch.Tensor, k: int) -> torch.Tensor:
 def model_thresholds(
     magnitudes: Callable[[], Iterable[Sequence[torch.Tensor]]],
     keep_counts: Sequence[int],
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """Per expert, the k-th largest magnitude over all of its tensors (exact, two streaming passes).
 
     ``magnitudes()`` yields, tensor after tensor, one magnitude tensor per expert; it is called
     twice. ``keep_counts[i]`` is expert i's k over the whole model. Returns one threshold per
-    expert; entries with |τ| >= threshold are kept.
+    expert; entries with |τ| >= threshold are kept. ``combine`` maps each pass's [N, bins] counts
+    to the whole model's where ``magnitudes`` yields one process's share of it (it is called
+    once per pass, also when that share is empty).
     """
     n = len(keep_counts)
-    high = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in range(n)]
+    combine = combine or (lambda counts: counts)
+    high = torch.zeros((n, HIGH_BINS), dtype=torch.int64)
     for per_expert in magnitudes():
         for i, m in enumerate(per_expert):
             high[i] += torch.bincount(_bits(m) >> 16, minlength=HIGH_BINS).cpu()
+    high = combine(high)
     bins, remaining = [], []
     for i in range(n):
         total = int(high[i].sum())
@@ -109,9 +114,10 @@ def model_thresholds(
         b, above = _select_bin(high[i], keep_counts[i])
         bins.append(b)
         remaining.append(keep_counts[i] - above)
-    low = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in range(n)]
+    low = torch.zeros((n, LOW_BINS), dtype=torch.int64)
     for per_expert in magnitudes():
         for i, m in enumerate(per_expert):
             bits = _bits(m)
             low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=LOW_BINS).cpu()
+    low = combine(low)
     return [_bits_to_float((bins[i] << 16) | _select_bin(low[i], remaining[i])[0]) for i in range(n)]
