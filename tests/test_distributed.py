@@ -202,3 +202,29 @@ def test_rank_0_shows_one_bar_for_the_whole_job(models, tmp_path):
     # the last render: the whole job's bytes done, out of the whole job's bytes
     assert re.match(r"merging: 100%\|[^|]*\| ([\d.]+k)/\1 ", renders[-1]), renders[-1]
     assert proc.stderr.count("merged 30 tensors") == 1
+
+
+def test_a_job_of_one_rank_takes_the_distributed_path(models, single, tmp_path):
+    _, _, _, configs = models
+    out = tmp_path / "out"
+    proc = torchrun(1, ["--module", "tritonmerge"], "merge", configs["ties_model_scope"], out, "--out-shard-size", "20KB")
+    assert proc.returncode == 0, proc.stderr
+    assert "on 1 rank(s)" in proc.stderr  # the distributed engine's own message
+    assert folder_bytes(out) == folder_bytes(single("ties_model_scope"))
+
+
+@pytest.mark.gpu
+def test_nccl_ranks_on_the_gpus_give_the_single_process_bytes(models, tmp_path):
+    """NCCL (the default process group on CUDA), one rank per GPU (one rank where there is one
+    GPU), against a single CUDA process. TIES with model scope sums its histograms, computed on
+    the GPU, over NCCL."""
+    import torch
+
+    _, _, _, configs = models
+    one = tmp_path / "one"
+    assert run_cli("merge", configs["ties_model_scope"], one, *SHARD, "--device", "cuda").returncode == 0
+    out = tmp_path / "ranks"
+    proc = torchrun(torch.cuda.device_count(), ["--module", "tritonmerge"], "merge", configs["ties_model_scope"], out,
+                    *SHARD, "--device", "cuda")
+    assert proc.returncode == 0, proc.stderr
+    assert folder_bytes(out) == folder_bytes(one)

@@ -558,3 +558,31 @@ def test_cuda_unavailable_is_a_clear_error(tmp_path, tiny):
     with pytest.raises(ConfigError, match="cuda.*is_available"):
         run_merge(str(cfg), tmp_path / "out", MergeOptions(device="cuda", **QUIET))
     assert not (tmp_path / "out").exists()
+
+
+def test_wudi_layers_of_a_shard_are_solved_in_batches(tmp_path, monkeypatch):
+    """The disk engine hands same-shaped WUDI layers of one shard to the batched solver, and the
+    result is the in-memory API's (which batches across the whole model) tensor for tensor."""
+    from tritonmerge.api import merge_state_dicts
+    from tritonmerge.registry import get_method
+
+    base, experts = make_tiny(tmp_path / "m")
+    cfg = write_config(tmp_path / "wudi.yml", "wudi", base, experts, parameters={"steps": 10})
+    wudi = get_method("wudi")
+    batch_sizes = []
+    solve_batch = wudi.merge_group
+
+    def recording(params, items, backend=None):
+        batch_sizes.append(len(items))
+        return solve_batch(params, items, backend=backend)
+
+    monkeypatch.setattr(wudi, "merge_group", recording)
+    out = tmp_path / "out"
+    run_merge(cfg, out, MergeOptions(out_shard_size="20KB", quiet=True))
+    assert batch_sizes and max(batch_sizes) > 1
+    monkeypatch.setattr(wudi, "merge_group", solve_batch)
+    expected = merge_state_dicts("wudi", load_folder(base), [load_folder(e) for e in experts], steps=10)
+    got = load_folder(out)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ConfigError
+
 WORLD_ENV = "WORLD_SIZE"
 # a rank can wait this long for the others (a large analysis or shard on one rank is fine)
 TIMEOUT = datetime.timedelta(hours=6)
@@ -43,10 +45,11 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     _objects: Any = field(default=None, repr=False)  # the gloo group for pickled objects
+    _owns_group: bool = field(default=False, repr=False)  # this module initialised the default group
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self._objects is not None
 
     @property
     def leader(self) -> bool:
@@ -86,7 +89,8 @@ class Ranks:
         return out.to(counts.device)
 
     def close(self) -> None:
-        if self.distributed and torch.distributed.is_initialized():
+        """Leave the job; a process group the caller had set up before is left as it was."""
+        if self._owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -94,11 +98,10 @@ SINGLE = Ranks()
 
 
 def launched() -> bool:
-    """Whether this process was started as one of several ranks (torchrun sets WORLD_SIZE)."""
-    try:
-        return int(os.environ.get(WORLD_ENV, "1")) > 1
-    except ValueError:
-        return False
+    """Whether this process is a rank of a job torchrun started (it sets RANK and WORLD_SIZE).
+    A job of one rank takes the distributed path too: ``torchrun --nproc-per-node 1`` is how
+    that path (and NCCL) is exercised on a single GPU."""
+    return "RANK" in os.environ and WORLD_ENV in os.environ
 
 
 def join(device: str) -> Ranks:
@@ -109,12 +112,21 @@ def join(device: str) -> Ranks:
     rank, world = int(os.environ["RANK"]), int(os.environ[WORLD_ENV])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.device(device).type == "cuda"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # else: embedded in a job that already has its group
+    if owns:
         if on_gpu:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if local_rank >= gpus:
+                ranks_here = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))
+                raise ConfigError(
+                    f"--device cuda puts one rank on each GPU: this machine has {gpus} GPU(s) for {ranks_here} "
+                    "ranks; start at most that many per machine (--nproc / --nproc-per-node)"
+                )
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=TIMEOUT)
-    objects = dist.new_group(backend="gloo", timeout=TIMEOUT) if on_gpu else dist.group.WORLD
-    return Ranks(rank=rank, world=world, local_rank=local_rank, _objects=objects)
+    gloo_default = dist.get_backend() == "gloo"
+    objects = dist.group.WORLD if gloo_default else dist.new_group(backend="gloo", timeout=TIMEOUT)
+    return Ranks(rank=rank, world=world, local_rank=local_rank, _objects=objects, _owns_group=owns)
 
 
 def deal(costs: Sequence[float], world: int) -> list[int]:

@@ -8,7 +8,8 @@ output folder and the free disk. ``run_merge`` then
 1. runs the method's whole-model analysis over a streaming source, only when the method asks
    for it (its decisions are saved with the output);
 2. streams tensor by tensor (or row chunk by row chunk, for chunkable methods and tensors whose
-   working set exceeds the memory budget): reads of the next units run on a background thread
+   working set exceeds the memory budget; or, for methods that batch same-shaped tensors such
+   as WUDI, batch by batch within a shard): reads of the next units run on a background thread
    while the current one computes on the chosen device, and the writer appends results to the
    pre-planned shard files on another thread;
 3. writes config.json (``torch_dtype`` set), tokenizer and generation files, a model card, the
@@ -870,50 +871,57 @@ def _merge_pass(
         },
     )
     spec = plan.config.spec
+    batches = _batches(plan, units, device)
     prefetch = Prefetcher(
-        units,
+        [u for batch in batches for u in batch],
         load=lambda u: _read_unit(plan, reader, u, checked),
         cost=lambda u: u.in_bytes,
         budget_bytes=plan.prefetch_budget,
         enabled=opts.prefetch,
     )
+    # a batch is merged out of plan order; results wait here until the writer's turn comes
+    position = {id(u): i for i, u in enumerate(units)}
+    finished: dict[int, tuple[WorkUnit, torch.Tensor]] = {}
+    next_to_write = 0
     ok = False
     try:
-        for unit, (base, experts) in prefetch:
-            base, experts = _to_device(plan, base, experts, device, plan.out_entries[unit.name].dtype)
-            row_numel = 1
-            for s in plan.base.tensors[unit.name].shape[1:]:
-                row_numel *= s
-            ctx = TensorContext(
-                name=unit.name,
-                decisions=decisions.tensors.get(unit.name, TensorDecisions()),
-                report=report,
-                element_offset=unit.element_offset_rows * row_numel,
-            )
-            out = merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)
-            del base, experts
-            if out.is_floating_point() and not all_finite(out):
-                n_bad = int((~torch.isfinite(out)).sum())
-                where = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
-                msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
-                if not opts.allow_nonfinite:
-                    raise NonFiniteResultError(
-                        f"{msg}; check the parameters, or pass --allow-nonfinite to write it anyway"
-                    )
-                if unit.name not in result.nonfinite:
-                    result.nonfinite.append(unit.name)
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                rec = report.tensors.setdefault(unit.name, {})
-                rec["nonfinite_values"] = rec.get("nonfinite_values", 0) + n_bad
-            want = plan.out_entries[unit.name].dtype
-            if out.dtype != want:
-                out = out.to(want)
-            writer.write(unit.name, out)
-            del out
-            result.bytes_read += unit.in_bytes
-            result.bytes_written += unit.out_bytes
-            if bar is not None:
-                bar.update(unit.in_bytes)
+        loaded = iter(prefetch)
+        for batch in batches:
+            items = []
+            for _ in batch:
+                unit, (base, experts) = next(loaded)
+                base, experts = _to_device(plan, base, experts, device, plan.out_entries[unit.name].dtype)
+                row_numel = 1
+                for s in plan.base.tensors[unit.name].shape[1:]:
+                    row_numel *= s
+                ctx = TensorContext(
+                    name=unit.name,
+                    decisions=decisions.tensors.get(unit.name, TensorDecisions()),
+                    report=report,
+                    element_offset=unit.element_offset_rows * row_numel,
+                )
+                items.append((unit, base, experts, ctx))
+                del base, experts
+            if len(items) == 1:
+                unit, base, experts, ctx = items[0]
+                outs = [merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)]
+            else:
+                method, method_params = spec.innermost(plan.params[batch[0].name])
+                outs = method.merge_group(method_params, [(b, e, c) for _, b, e, c in items], backend=opts.backend)
+            units_done = [item[0] for item in items]
+            del items
+            for unit, out in zip(units_done, outs):
+                finished[position[id(unit)]] = (unit, _checked_result(plan, unit, out, report, result))
+            del outs
+            while next_to_write in finished:
+                unit, out = finished.pop(next_to_write)
+                writer.write(unit.name, out)
+                del out
+                next_to_write += 1
+                result.bytes_read += unit.in_bytes
+                result.bytes_written += unit.out_bytes
+                if bar is not None:
+                    bar.update(unit.in_bytes)
         writer.close()
         ok = True
     finally:
@@ -922,6 +930,64 @@ def _merge_pass(
         prefetch.close()
         if bar is not None and own_bar:
             bar.close()
+
+
+def _checked_result(plan: MergePlan, unit: WorkUnit, out: torch.Tensor, report: MergeReport, result: MergeResult) -> torch.Tensor:
+    """The merged unit in its output dtype, after the NaN/Inf check of the result."""
+    if out.is_floating_point() and not all_finite(out):
+        n_bad = int((~torch.isfinite(out)).sum())
+        where = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
+        msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
+        if not plan.options.allow_nonfinite:
+            raise NonFiniteResultError(f"{msg}; check the parameters, or pass --allow-nonfinite to write it anyway")
+        if unit.name not in result.nonfinite:
+            result.nonfinite.append(unit.name)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        rec = report.tensors.setdefault(unit.name, {})
+        rec["nonfinite_values"] = rec.get("nonfinite_values", 0) + n_bad
+    want = plan.out_entries[unit.name].dtype
+    return out if out.dtype == want else out.to(want)
+
+
+def _batches(plan: MergePlan, units: Sequence[WorkUnit], device: torch.device) -> list[list[WorkUnit]]:
+    """The order of work: within each output shard, the units its method merges together
+    (``group_key``/``merge_group``: WUDI's same-shaped layers), each batch within the method's
+    memory budget, then the rest one by one. Batches never span shards, so they are the same
+    whichever process (or how many) merges the shard, and a resumed run forms them alike."""
+    spec = plan.config.spec
+    shard_of = {e.name: i for i, s in enumerate(plan.shards) for e in s.entries}
+    batches: list[list[WorkUnit]] = []
+    i = 0
+    while i < len(units):
+        j = i
+        while j < len(units) and shard_of[units[j].name] == shard_of[units[i].name]:
+            j += 1
+        groups: dict[Any, list[WorkUnit]] = {}
+        ordered: list[list[WorkUnit]] = []
+        for unit in units[i:j]:
+            method, method_params = spec.innermost(plan.params[unit.name])
+            key = None
+            if unit.rows is None and method.group_key is not None and method.merge_group is not None:
+                info = plan.base.tensors[unit.name]
+                if info.dtype.is_floating_point:
+                    key = method.group_key(method_params, unit.name, info.shape, info.dtype)
+            if key is None:
+                ordered.append([unit])
+                continue
+            key = (key, _params_key(plan.params[unit.name]))
+            if key not in groups:
+                groups[key] = []
+                ordered.append(groups[key])
+            groups[key].append(unit)
+        for group in ordered:
+            method, method_params = spec.innermost(plan.params[group[0].name])
+            size = len(group)
+            if size > 1 and method.max_group_size is not None:
+                shape = plan.base.tensors[group[0].name].shape
+                size = max(1, method.max_group_size(method_params, shape, plan.n_experts, device))
+            batches.extend(group[k : k + size] for k in range(0, len(group), size))
+        i = j
+    return batches
 
 
 def _progress(total: int, quiet: bool):
@@ -992,10 +1058,11 @@ def _shard_costs(plan: MergePlan) -> list[float]:
 
 
 def _rank_device(name: str, ranks: Ranks) -> torch.device:
-    """``cuda`` binds each rank to its local GPU; an explicit ``cuda:N`` or ``cpu`` is kept."""
+    """``cuda`` binds each rank to its local GPU (distributed.join checked there is one); an
+    explicit ``cuda:N`` or ``cpu`` is kept."""
     dev = _device(name)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", ranks.local_rank)
     return dev
 
 
@@ -1042,12 +1109,19 @@ class _RankProgress:
     def _write(self) -> None:
         path = self._folder / f"rank-{self._ranks.rank}"
         tmp = path.with_name(f".{path.name}.tmp")  # hidden: not matched by the poll's rank-*
-        tmp.write_text(str(self._mine), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(str(self._mine), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # only the bar would miss it (the folder is renamed once rank 0 commits)
 
     def close(self) -> None:
+        """Final count (other ranks: before they hand in their records, so the folder is
+        still there) or the bar's last update (rank 0)."""
         if not self._ranks.leader:
-            self._write()
+            if not self._stop.is_set():
+                self._stop.set()
+                self._write()
             return
         self._stop.set()
         if self._poller is not None:
@@ -1063,7 +1137,10 @@ def _run_ranks(
     options: MergeOptions,
     echo: Callable[[str], None] | None,
 ) -> MergeResult:
-    ranks = distributed.join(options.device)
+    try:
+        ranks = distributed.join(options.device)
+    except TritonMergeError as exc:
+        raise type(exc)(f"rank {os.environ.get('RANK', '?')}: {exc}") from None
     try:
         return _merge_on_ranks(config, out_dir, options, echo, ranks)
     except TritonMergeError as exc:
@@ -1162,7 +1239,7 @@ def _ranks_merge(
     written_here = {plan.shards[i].filename for i, r in zip(left, merge_owner) if r == ranks.rank}
     not_here = {s.filename for s in plan.shards} - written_here
     if leader and done:
-        say(f"resuming on {ranks.world} ranks")
+        say(f"resuming on {ranks.world} rank(s)")
 
     report = MergeReport(method=plan.config.spec.name)
     reader = TensorReader(pin_memory=device.type == "cuda")
@@ -1172,7 +1249,7 @@ def _ranks_merge(
         decisions = ModelDecisions()
         checked: set[str] = set()
         if plan.needs_analysis:
-            say(f"analysis pass over {len(plan.names)} tensors on {ranks.world} ranks ...")
+            say(f"analysis pass over {len(plan.names)} tensors on {ranks.world} rank(s) ...")
             source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=analysed_here)
             try:
                 decisions = _analyze(plan, source)
@@ -1184,6 +1261,8 @@ def _ranks_merge(
         progress = _RankProgress(plan, ranks, remaining)
         try:
             _merge_pass(plan, reader, device, decisions, report, manifest, not_here, result, checked, progress)
+            if not leader:
+                progress.close()
             # 3. finalize: rank 0 collects every rank's shard records (waiting for all of them)
             parts = ranks.all_gather((manifest.shards if not leader else {}, result.bytes_read, result.bytes_written))
         finally:

@@ -6,7 +6,9 @@ under the mergekit virtualenv too, so it imports only the standard library at mo
 (never ``tritonmerge`` unless asked to run it).
 
 Tools:
-  tritonmerge CONFIG OUT [--device D]   the ``tritonmerge merge`` command, in process
+  tritonmerge CONFIG OUT [--device D] [--nproc N]
+                                        the ``tritonmerge merge`` command, in process (with
+                                        N > 1 it starts N ranks through torch's launcher)
   mergekit CONFIG OUT [--device D]      the ``mergekit-yaml`` command with its default options
   floor OUT --inputs DIR...             the I/O floor: read every input with safetensors, write one
                                         output the size of the first input (the base)
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def _run_tritonmerge(config: str, out: str, device: str) -> dict:
+def _run_tritonmerge(config: str, out: str, device: str, nproc: int = 1) -> dict:
     from tritonmerge import __version__
     from tritonmerge.cli import main
 
@@ -29,6 +31,8 @@ def _run_tritonmerge(config: str, out: str, device: str) -> dict:
     argv = ["merge", config, out, "--quiet"]
     if device != "cpu":
         argv += ["--device", device]
+    if nproc > 1:
+        argv += ["--nproc", str(nproc)]
     rc = main(argv)
     return {"rc": rc, "imported_at": imported, "tool_version": __version__, "source_hash": _source_hash()}
 
@@ -116,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="CONFIG OUT (tools) or OUT (floor)")
     p.add_argument("--inputs", nargs="*", default=[])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--result", required=True)
     args = p.parse_args(argv)
     started = time.perf_counter()
     if args.tool == "tritonmerge":
-        info = _run_tritonmerge(args.paths[0], args.paths[1], args.device)
+        info = _run_tritonmerge(args.paths[0], args.paths[1], args.device, args.nproc)
     elif args.tool == "mergekit":
         info = _run_mergekit(args.paths[0], args.paths[1], args.device)
     else:

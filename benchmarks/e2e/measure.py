@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import platform
@@ -173,6 +174,14 @@ def run_child(
         stderr_tail="" if rc == 0 else stderr_tail,
         extra={k: v for k, v in info.items() if k in ("bytes_read", "bytes_written", "source_hash")},
     )
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Whether two output folders hold the same files with the same bytes."""
+    names = sorted(p.name for p in Path(a).iterdir())
+    if names != sorted(p.name for p in Path(b).iterdir()):
+        return False
+    return all(filecmp.cmp(Path(a) / n, Path(b) / n, shallow=False) for n in names if (Path(a) / n).is_file())
 
 
 def remove(path: Path) -> None:

@@ -18,7 +18,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from benchmarks import machine
 
@@ -82,6 +82,7 @@ def run_case(
     mergekit_python: str | None,
     timeout: float,
     quiet_wait: float,
+    nproc: Sequence[int] = (1,),
     log: Callable[[str], None] = lambda m: print(m, flush=True),
 ) -> dict:
     """Floor, tritonmerge and mergekit runs of one case, alternating; then parity (untimed)."""
@@ -89,7 +90,9 @@ def run_case(
     input_files = [f for d in inputs for f in model_files(d)]
     input_bytes = sum(f.stat().st_size for f in input_files)
     cfg = configs.write_config(work / f"{case.name}-{precision}.yml", case, base, experts, precision)
-    tools = ["tritonmerge"] + (["mergekit"] if case.mergekit and mergekit_python else [])
+    # tritonmerge on more processes (--nproc N) runs as the tool "tritonmerge@N"
+    tools = ["tritonmerge", *(f"tritonmerge@{n}" for n in nproc if n > 1)]
+    tools += ["mergekit"] if case.mergekit and mergekit_python else []
     samples: dict[str, list[measure.RunSample]] = {"floor": [], **{t: [] for t in tools}}
     outs = {t: work / f"out-{case.name}-{precision}-{t}" for t in [*tools, "floor"]}
     for r in range(repeats):
@@ -101,8 +104,11 @@ def run_case(
                 args, python = [str(out), "--inputs", *map(str, inputs)], sys.executable
             else:
                 args = [str(cfg), str(out), "--device", device]
-                python = sys.executable if tool == "tritonmerge" else mergekit_python
-            s = measure.run_child(tool, args, python=python, cache=cache, input_files=input_files,
+                python = mergekit_python if tool == "mergekit" else sys.executable
+                if tool.startswith("tritonmerge@"):
+                    args += ["--nproc", tool.split("@")[1]]
+            child_tool = "tritonmerge" if tool.startswith("tritonmerge") else tool
+            s = measure.run_child(child_tool, args, python=python, cache=cache, input_files=input_files,
                                   timeout=timeout, quiet_wait=quiet_wait)
             samples[tool].append(s)
             status = "ok" if s.rc == 0 else f"FAILED rc={s.rc}: {s.stderr_tail.strip().splitlines()[-1:] if s.stderr_tail else ''}"
@@ -122,6 +128,21 @@ def run_case(
         result[tool] = summarize(samples[tool])
         if result[tool]["failed"] < result[tool]["runs"]:
             result[tool].update(derived(result[tool], result["floor"], input_bytes, shape.num_params))
+    ranked = [t for t in tools if t.startswith("tritonmerge@")]
+    if ranked and result["tritonmerge"]["failed"] == 0:
+        one = result["tritonmerge"]
+        result["scaling"] = {
+            t.split("@")[1]: {
+                "wall_s": result[t]["wall_s"],
+                "run_s": result[t]["run_s"],
+                "speedup_wall": one["wall_s"] / result[t]["wall_s"],
+                "input_GBps": result[t].get("input_GBps"),
+            }
+            for t in ranked
+            if result[t]["failed"] < result[t]["runs"]
+        }
+        outs_equal = [measure.same_files(outs["tritonmerge"], outs[t]) for t in ranked]
+        result["scaling_outputs_identical"] = all(outs_equal)
     tm, mk = result["tritonmerge"], result.get("mergekit")
     if mk and tm["failed"] == 0 and mk["failed"] == 0:
         result["vs_mergekit"] = {
@@ -170,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="warm", help="warm, cold or warm,cold (cold needs a writable /proc/sys/vm/drop_caches)")
     p.add_argument("--repeats", type=int, default=3, help="runs per tool and case (default 3; medians reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--nproc", default="1", help="comma-separated process counts for tritonmerge (e.g. 1,2): each N > 1 "
+                                                 "also runs `tritonmerge merge --nproc N` (reported under 'scaling')")
     p.add_argument("--mergekit-python", default=DEFAULT_MERGEKIT_PYTHON,
                    help="python of the mergekit virtualenv (benchmarks/e2e/setup_mergekit.sh); 'none' to skip mergekit")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before one run is killed (counted as failed)")
@@ -211,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         case, precision, cache, shape=shape, base=base, experts=experts, work=work,
                         repeats=args.repeats, device=args.device, mergekit_python=mk_python,
                         timeout=args.timeout, quiet_wait=args.quiet_wait,
+                        nproc=[int(n) for n in args.nproc.split(",") if n.strip()],
                     )
                     # results of one shape may come from several invocations (and commits)
                     result["git_commit"] = entry["machine"]["git_commit"]

@@ -199,6 +199,7 @@ try:
         out["device_name"] = torch.cuda.get_device_name(0)
         out["capability"] = list(torch.cuda.get_device_capability(0))
         out["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        out["gpu_count"] = torch.cuda.device_count()
     from torch.utils.cpp_extension import CUDA_HOME as cuda_home
 except BaseException as exc:
     out["torch_error"] = f"{type(exc).__name__}: {exc}"
@@ -595,10 +596,17 @@ class Run:
         runs = [("ties,task_arithmetic", repeats, mergekit), ("wudi_exact", 1, None)]
         if runs[0][1:] == runs[1][1:]:  # same settings: one invocation saves a runner start-up
             runs = [("ties,task_arithmetic,wudi_exact", 1, None)]
+        # several GPUs: the elementwise cases also on 2, 4, 8 ranks (one per GPU; NCCL)
+        gpus = int(self.probe.get("gpu_count") or 0) if p.name == "gpu" else 0
+        nproc = ",".join(str(n) for n in (1, 2, 4, 8) if n <= gpus) if gpus > 1 else "1"
+        s.details["nproc"] = nproc
+        if p.name == "gpu" and gpus <= 1:
+            s.notes.append("one GPU: the multi-rank e2e rows need a machine with several (the gpu tests ran NCCL on one rank)")
         s.details["runs"] = [{"cases": c, "repeats": r, "mergekit": bool(m)} for c, r, m in runs]
         for cases, reps, mk in runs:
             left = self.step_deadline - time.monotonic()
-            res = self.run_cmd(self.python_cmd(*common, "--cases", cases, "--repeats", str(reps),
+            ranks = ["--nproc", nproc] if "ties" in cases else []
+            res = self.run_cmd(self.python_cmd(*common, "--cases", cases, "--repeats", str(reps), *ranks,
                                                "--mergekit-python", mk or "none", "--timeout", f"{max(5.0, left - 5):.0f}"))
             if not self.check_cmd(s, res, f"e2e {cases}"):
                 return
