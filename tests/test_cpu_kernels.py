@@ -19,11 +19,11 @@ from tritonmerge import backends
 from tritonmerge.api import analyze, merge_one
 from tritonmerge.context import MergeReport, TensorContext, TensorDecisions
 from tritonmerge.errors import BackendUnavailableError
-from tritonmerge.methods.task_arithmetic import Family, merge_family, merge_linear
+from tritonmerge.methods.task_arithmetic import merge_family, merge_linear
 from tritonmerge.ops import cpu_kernels as ck
 from tritonmerge.ops import cpu_merge
 from tritonmerge.ops.select import keep_count, kth_largest, model_thresholds, topk_mask
-from tritonmerge.registry import get_method
+from tritonmerge.registry import get_method, method_table
 from tritonmerge.source import InMemorySource
 
 pytestmark = pytest.mark.skipif(ck.status() is not None, reason=f"{ck.status()}")
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(ck.status() is not None, reason=f"{ck.status()}"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (127, 129), (1000, 37)]
 N_EXPERTS = [1, 2, 3, 8]
-FAMILY = {name: Family(*spec) for name, spec in cpu_merge.FAMILY_MEMBERS.items()}
+FAMILY = {name: m.family for name, m in method_table().items() if m.family is not None}
 
 # Parameter sets per method; each parity case takes one, rotating with the case index, so that
 # every set meets several dtypes, shapes and expert counts without a full cross product.
@@ -101,11 +101,6 @@ CASES = [
     for method in PARAMS
     for dtype, shape, n in itertools.product(DTYPES, SHAPES, N_EXPERTS)
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cpu_impls():
-    cpu_merge.register_cpu_impls()
 
 
 @pytest.mark.parametrize(

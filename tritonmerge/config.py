@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from .errors import ConfigError, TritonMergeError
+from .errors import ConfigError, TritonMergeError, UnknownMethodError
 from .params import MethodParams, param_names
 from .registry import MergeMethod, get_method
 
@@ -54,17 +54,6 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat_template is not supported; the base model's tokenizer files are copied as they are",
 }
 
-# mergekit GTA defaults (arcee-ai/mergekit merge_methods/registry.py): consensus, normalize, rescale
-_MERGEKIT_GTA: dict[str, tuple[bool, bool, bool]] = {
-    "task_arithmetic": (False, False, False),
-    "ties": (True, True, False),
-    "dare_ties": (True, False, True),
-    "dare_linear": (False, False, True),
-    "breadcrumbs": (False, False, False),
-    "breadcrumbs_ties": (True, False, False),
-    "della": (True, True, True),
-    "della_linear": (False, False, True),
-}
 # mergekit 0.1.5's methods that tritonmerge does not implement: named as such, so a user is not
 # told "did you mean 'slerp'?" for a method that exists, just not here
 MERGEKIT_ONLY_METHODS = (
@@ -114,7 +103,7 @@ class MergeConfig:
 
     @property
     def mergekit_semantics(self) -> tuple[bool, bool, bool] | None:
-        return _MERGEKIT_GTA.get(self._inner_name())
+        return _mergekit_defaults(self._inner_name())
 
     def _inner_name(self) -> str:
         """The method that finally merges each tensor (through tadrop/lwptv wrappers)."""
@@ -277,6 +266,16 @@ def _param_models(spec: MergeMethod, parameters: Mapping[str, Any]) -> list[type
             raise ConfigError(f"{spec.name}: parameter merge_method: {exc}") from None
         models.extend(_param_models(inner, _unwrap(parameters)))
     return models
+
+
+def _mergekit_defaults(method: str) -> tuple[bool, bool, bool] | None:
+    """mergekit's (consensus, normalize, rescale) for its task-arithmetic method of this name
+    (arcee-ai/mergekit merge_methods/registry.py), as the family member records them."""
+    try:
+        family = get_method(method).family
+    except UnknownMethodError:
+        return None
+    return None if family is None else family.mergekit_defaults
 
 
 def _unwrap(parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -481,7 +480,7 @@ def _classify_params(cfg: MergeConfig) -> None:
             if not extra.get("per_model") and "list" in str(info.annotation):
                 literal.add(pname)
     allowed = set(per_model)
-    sem = _MERGEKIT_GTA.get(cfg._inner_name())
+    sem = _mergekit_defaults(cfg._inner_name())
     mergekit_extra = set(_IGNORED_MERGEKIT_PARAMS)
     if sem is not None:
         mergekit_extra.add("rescale")  # mergekit's boolean; a no-op for task_arithmetic

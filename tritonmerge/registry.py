@@ -57,6 +57,8 @@ class MergeMethod:
     group_key: Callable[..., Any] | None = None
     merge_group: Callable[..., list[torch.Tensor]] | None = None
     max_group_size: Callable[..., int] | None = None
+    # members of the task-arithmetic family: what sets them apart (ops/family.Family)
+    family: Any = None
 
     def validate(self, params: dict[str, Any]) -> Any:
         """Validated parameters; for a modifier a ``Composite`` of its own and the inner method's."""

@@ -1,6 +1,6 @@
 """The project's one tolerance rule, input factories and the Triton-interpreter switch for tests.
 
-Error budget (flash-attention's rule, STYLE.md §6.6): with ``golden`` the reference computed in
+Error budget (flash-attention's rule, docs/algorithms.md §5): with ``golden`` the reference computed in
 float64 and ``ref_lowp`` the same reference run in the test dtype,
 
     max|out − golden| ≤ 2 · max|ref_lowp − golden| + floor[dtype] · max|golden|

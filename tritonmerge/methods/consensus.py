@@ -9,7 +9,7 @@ Per tensor, with τᵢ = expertᵢ − base in float32:
     c     = [ Σₜ mₜ ≥ k ]              (consensus: entries at least k tasks rely on)
     out   = base + α·(τ_MTL ⊙ c)
 
-Defaults and where they come from (ALGORITHMS.md §4.7):
+Defaults and where they come from (docs/algorithms.md §4.2):
 - ``tall_lambda`` (λₜ) = 0.4, the centre of the reference grid {0.2, 0.3, 0.4, 0.5, 0.6}; the paper
   picks λₜ per task on validation data, which a data-free merge cannot do, so pass your own per
   task where you have them.

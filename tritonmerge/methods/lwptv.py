@@ -5,7 +5,7 @@ Generalizing Better", arXiv 2506.09093) is public only as an abstract: a salienc
 "measuring the redundancy of parameters in task vectors" yields a mask vector per task, used to
 prune that task's vector layer by layer, so that pruned layers "only keep the pre-trained model
 parameters"; it plugs into most merging methods. The saliency formula, the threshold rule and the
-mask's granularity are not public. This module implements the reading of ALGORITHMS.md §3.2 with
+mask's granularity are not public. This module implements the reading of docs/algorithms.md §3 with
 every choice exposed as a parameter, so that a quality benchmark (benchmarks/quality) can choose
 the defaults; see docs/modifiers.md.
 
@@ -286,7 +286,7 @@ def analyze_lwptv(p: Composite, source: TensorSource, decisions: ModelDecisions)
     while key in decisions.summary:
         key = f"{key}_inner"
     decisions.summary[key] = {
-        "reading": "reconstruction of ALGORITHMS.md §3.2 (not the paper's formula)",
+        "reading": "reconstruction, docs/algorithms.md §3 (not the paper's formula)",
         "merge_method": own.merge_method,
         "score": own.score,
         "rule": own.rule,
@@ -339,7 +339,7 @@ register(
         params=LwptvParams,
         doc="LwPTV (reconstruction): score each (task, layer), zero that task's vector on low-saliency layers, then run any method.",
         merge_tensor=_merge_tensor,
-        reference="Zhang et al. 2025, arXiv 2506.09093 (abstract only); reading of ALGORITHMS.md §3.2, see docs/modifiers.md",
+        reference="Zhang et al. 2025, arXiv 2506.09093 (abstract only); reading in docs/algorithms.md §3 and docs/modifiers.md",
         analyze=analyze_lwptv,
         modifier=True,
         chunkable=lambda p: isinstance(p, Composite) and bool(p.inner.chunkable(p.inner_params)),

@@ -1,5 +1,5 @@
 """Model Stock (Jang et al. 2024, arXiv 2403.19522), with mergekit's per-tensor semantics
-(arcee-ai/mergekit merge_methods/model_stock.py; ALGORITHMS.md §4.11).
+(arcee-ai/mergekit merge_methods/model_stock.py; docs/algorithms.md §4.3).
 
 Per tensor (flattened; per row with ``filter_wise``, a 1-D tensor being one row), with offsets
 dᵢ = expertᵢ − base and T experts:

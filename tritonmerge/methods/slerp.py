@@ -1,5 +1,5 @@
 """SLERP between the base and one expert, with mergekit's semantics
-(arcee-ai/mergekit merge_methods/slerp.py; ALGORITHMS.md §4.12).
+(arcee-ai/mergekit merge_methods/slerp.py; docs/algorithms.md §4.4).
 
 Per tensor, v₀ = base, v₁ = expert, both flattened:
 

@@ -6,7 +6,7 @@ from its "distributional properties", so that "tensors with denser, more redunda
 can be pruned aggressively, while sparser, more critical ones are preserved", and the result is
 plugged into existing merging methods. The statistic, the mapping to a drop rate, its bounds and
 whether a global budget is kept are not public. This module implements the reading of
-ALGORITHMS.md §2.2 with every one of those choices exposed as a parameter, so that a quality
+docs/algorithms.md §2 with every one of those choices exposed as a parameter, so that a quality
 benchmark (benchmarks/quality) can choose the defaults; see docs/modifiers.md.
 
 For every task i and adapted tensor j (float, ``numel >= min_numel``, and not 1-D unless
@@ -45,19 +45,14 @@ from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError, UnknownMethodError
 from ..ops.stats import STAT_COLUMNS, task_vector_stats
 from ..params import MethodParams, per_expert
-from ..registry import Composite, MergeMethod, get_method, register
+from ..registry import Composite, MergeMethod, get_method, method_table, register
 from ..source import TensorSource, gathered, local_names
 
-# Methods whose ``density`` TADrop can adapt per tensor (the task-arithmetic family's sparsifiers).
-SPARSIFYING = (
-    "dare_linear",
-    "dare_ties",
-    "ties",
-    "magnitude",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
+from . import task_arithmetic  # noqa: F401  (registers the family, whose sparsifiers TADrop wraps)
+
+# Methods whose ``density`` TADrop can adapt per tensor: the task-arithmetic family's sparsifiers.
+SPARSIFYING = tuple(
+    name for name, m in method_table().items() if m.family is not None and m.family.sparsify is not None
 )
 
 Statistic = Literal["kurtosis", "l1_l2", "cv", "max_ratio", "entropy"]
@@ -475,7 +470,7 @@ def _summary(
             }
         )
     return {
-        "reading": "reconstruction of ALGORITHMS.md §2.2 (not the paper's formula)",
+        "reading": "reconstruction, docs/algorithms.md §2 (not the paper's formula)",
         "merge_method": p.merge_method,
         "statistic": p.statistic,
         "transform": p.transform,
@@ -510,7 +505,7 @@ register(
         params=TadropParams,
         doc="TADrop (reconstruction): per-(task, tensor) densities from τ's distribution statistics, handed to a sparsifying method.",
         merge_tensor=_merge_tensor,
-        reference="Luo et al. 2025, arXiv 2508.06163 (abstract only); reading of ALGORITHMS.md §2.2, see docs/modifiers.md",
+        reference="Luo et al. 2025, arXiv 2508.06163 (abstract only); reading in docs/algorithms.md §2 and docs/modifiers.md",
         analyze=analyze_tadrop,
         modifier=True,
         chunkable=lambda p: isinstance(p, Composite) and bool(p.inner.chunkable(p.inner_params)),

@@ -16,7 +16,6 @@ arcee-ai/mergekit generalized_task_arithmetic.py and sparsify.py for the per-ten
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.consensus import combine
 from ..ops import cpu_merge, fused_merge
+from ..ops.family import Family, divisor_rule
 from ..ops.sparsify import (
     bernoulli_mask,
     breadcrumbs_mask,
@@ -39,9 +39,6 @@ from ..ops.sparsify import (
 from ..params import MethodParams, PerModel, per_expert
 from ..registry import MergeMethod, register
 from ..source import TensorSource, count_combiner, local_names
-
-Sparsify = Literal["magnitude", "random", "breadcrumbs", "della"]
-
 
 class LinearParams(MethodParams):
     weight: PerModel(1.0, "weight wᵢ of expert i")
@@ -114,12 +111,6 @@ class DellaTiesParams(ConsensusMixin, DellaParams):
     pass
 
 
-@dataclass(frozen=True)
-class Family:
-    sparsify: Sparsify | None
-    consensus: bool
-
-
 def sparsify_task_vector(
     tau: torch.Tensor, density: float, expert: int, family: Family, p: MethodParams, ctx: TensorContext, method: str
 ) -> torch.Tensor:
@@ -144,14 +135,6 @@ def sparsify_task_vector(
         prob = della_keep_prob(tau, density, p.epsilon)
         return rescale(tau, bernoulli_mask(tau, prob, p.seed, ctx, expert), p.rescale, prob)
     raise AssertionError(family.sparsify)
-
-
-def divisor_rule(p: MethodParams, family: Family) -> Literal["weight", "count", "none"]:
-    if family.consensus:
-        if p.disjoint == "sum":
-            return "none"
-        return "weight" if p.normalize else "count"
-    return "weight" if p.normalize else "none"
 
 
 def merge_family(
@@ -254,18 +237,21 @@ def _register(name: str, params: type[MethodParams], family: Family, doc: str, *
             params=params,
             doc=doc,
             merge_tensor=merge_tensor,
-            reference="arcee-ai/mergekit merge_methods/generalized_task_arithmetic.py; see ALGORITHMS.md §4",
+            reference="arcee-ai/mergekit merge_methods/generalized_task_arithmetic.py; see docs/algorithms.md §4.1",
             stochastic=family.sparsify in ("random", "della"),
             chunkable=lambda p, _e=elementwise, _f=family: (
                 (_e and getattr(p, "rescale", "none") != "l1")
                 or (_f.sparsify == "magnitude" and getattr(p, "topk_scope", "tensor") == "model" and p.rescale != "l1")
             ),
+            family=family,
             **extra,
         )
     )
     if family.sparsify != "della":  # DELLA's per-row ranks need a sort: torch only
         fn, supports = fused_merge.triton_impl(family, name)
         spec.register_impl("triton", supports=supports)(fn)
+    # the fused C loops (compiled on first use) take every member on CPU tensors
+    cpu_merge.register_cpu_impl(spec, family)
     return spec
 
 
@@ -280,16 +266,17 @@ linear = register(
     )
 )
 linear.register_impl("triton", supports=fused_merge.linear_triton_supports)(fused_merge.linear_triton)
+linear.register_impl("cpu", supports=cpu_merge.linear_cpu_supports)(cpu_merge.linear_cpu)
 _register(
     "task_arithmetic",
     TaskArithmeticParams,
-    Family(None, False),
+    Family(None, False, mergekit_defaults=(False, False, False)),
     "Task arithmetic: base + λ·Σᵢ wᵢτᵢ.",
 )
 _register(
     "ties",
     TiesParams,
-    Family("magnitude", True),
+    Family("magnitude", True, mergekit_defaults=(True, True, False)),
     "TIES: keep the largest |τ| (per tensor or per model), elect a sign, average agreeing entries.",
     analyze=analyze_model_topk,
 )
@@ -302,39 +289,36 @@ _register(
 _register(
     "dare_linear",
     DareParams,
-    Family("random", False),
+    Family("random", False, mergekit_defaults=(False, False, True)),
     "DARE: drop task-vector entries at random (rate 1 − density), rescale, then task arithmetic.",
 )
 _register(
     "dare_ties",
     DareTiesParams,
-    Family("random", True),
+    Family("random", True, mergekit_defaults=(True, False, True)),
     "DARE drops followed by TIES sign election and disjoint merge.",
 )
 _register(
     "breadcrumbs",
     BreadcrumbsParams,
-    Family("breadcrumbs", False),
+    Family("breadcrumbs", False, mergekit_defaults=(False, False, False)),
     "Model Breadcrumbs: drop the largest γ outliers and the smallest entries per tensor, then task arithmetic.",
 )
 _register(
     "breadcrumbs_ties",
     BreadcrumbsTiesParams,
-    Family("breadcrumbs", True),
+    Family("breadcrumbs", True, mergekit_defaults=(True, False, False)),
     "Breadcrumbs sparsification followed by TIES sign election.",
 )
 _register(
     "della",
     DellaTiesParams,
-    Family("della", True),
+    Family("della", True, mergekit_defaults=(True, True, True)),
     "DELLA: rank-based random drops (MagPrune) with TIES sign election and disjoint mean.",
 )
 _register(
     "della_linear",
     DellaParams,
-    Family("della", False),
+    Family("della", False, mergekit_defaults=(False, False, True)),
     "DELLA's MagPrune drops followed by task arithmetic.",
 )
-
-# The fused C loops (compiled on first use) take these methods on CPU tensors; see ops/cpu_merge.py.
-cpu_merge.register_cpu_impls()

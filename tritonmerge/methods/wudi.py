@@ -10,9 +10,9 @@ steps of Adam (lr 1e-5, β 0.9/0.999, ε 1e-8, bias correction), float32, no λ.
 computed through the reformulation of ``ops/wudi_solve.py`` (one GEMM per step, same iterates
 up to rounding). ``solver="exact"`` returns the ridge-regularised minimiser B(G + εI)⁻¹ instead
 (ε = ridge·tr(G)/n, tr(G) = number of non-zero tasks) — not the official method, and reported
-to merge worse (ALGORITHMS.md §1.3).
+to merge worse (docs/algorithms.md §1.2).
 
-Tensor selection (ALGORITHMS.md §1.5): ``select="official"`` optimises 2-D weights except names
+Tensor selection (docs/algorithms.md §1.3): ``select="official"`` optimises 2-D weights except names
 containing a substring of ``exclude`` (default: embeddings ``embed``/``wte``/``wpe``/
 ``position_embedding`` and ``lm_head``); ``select="all_2d"`` is FusionBench's rule (every 2-D
 tensor; ``exclude`` empty by default). ``include`` restricts the optimised set further (e.g. the

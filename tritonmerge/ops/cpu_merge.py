@@ -30,6 +30,7 @@ from ..context import TensorContext
 from ..errors import ParameterError
 from ..params import per_expert
 from . import cpu_kernels as ck
+from .family import divisor_rule
 from .rng import stream_keys
 from .select import keep_count
 from .sparsify import expert_densities
@@ -39,17 +40,6 @@ _DIVIDE = {"none": ck.DIV_NONE, "weight": ck.DIV_WEIGHT, "count": ck.DIV_COUNT}
 _ELECT = {None: ck.ELECT_NONE, "sum": ck.ELECT_SUM, "count": ck.ELECT_COUNT}
 
 # Members of methods/task_arithmetic.py and their Family(sparsify, consensus); "linear" is separate.
-FAMILY_MEMBERS = {
-    "task_arithmetic": (None, False),
-    "ties": ("magnitude", True),
-    "magnitude": ("magnitude", False),
-    "dare_linear": ("random", False),
-    "dare_ties": ("random", True),
-    "breadcrumbs": ("breadcrumbs", False),
-    "breadcrumbs_ties": ("breadcrumbs", True),
-    "della": ("della", True),
-    "della_linear": ("della", False),
-}
 
 
 # id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
@@ -121,8 +111,6 @@ def gta_cpu(
     base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx: TensorContext, family, method_name: str
 ) -> torch.Tensor:
     """``merge_family`` on the fused CPU loops; returns the merged tensor in base's dtype."""
-    from ..methods.task_arithmetic import divisor_rule  # late: that module imports this one
-
     n = len(experts)
     numel = base.numel()
     weights = per_expert(p.weight, n, "weight")
@@ -303,16 +291,3 @@ def register_cpu_impl(method, family) -> None:
         return gta_cpu(base, experts, params, ctx, _family, _name)
 
     method.register_impl("cpu", supports=supports)(run)
-
-
-def register_cpu_impls() -> None:
-    """Register the "cpu" backend on linear and every task-arithmetic family member (idempotent).
-    Called at the end of methods/task_arithmetic.py, once every member is registered."""
-    from ..methods.task_arithmetic import Family
-    from ..registry import _REGISTRY
-
-    if "linear" in _REGISTRY:
-        _REGISTRY["linear"].register_impl("cpu", supports=linear_cpu_supports)(linear_cpu)
-    for name, (sparsify, consensus) in FAMILY_MEMBERS.items():
-        if name in _REGISTRY:
-            register_cpu_impl(_REGISTRY[name], Family(sparsify, consensus))

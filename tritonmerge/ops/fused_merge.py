@@ -26,6 +26,7 @@ from ..errors import BackendUnavailableError, ParameterError
 from .. import self_check
 from ..params import per_expert
 from . import rng
+from .family import divisor_rule
 from .select import keep_count
 from .sparsify import expert_densities
 
@@ -66,14 +67,9 @@ def linear_triton_supports(params: Any, base: torch.Tensor, experts: Sequence[to
 
 
 def _divide_mode(p: Any, family) -> int:
-    # mirrors methods/task_arithmetic.divisor_rule (ops must not import methods)
     from ..kernels import fused_merge as K
 
-    if family.consensus:
-        if p.disjoint == "sum":
-            return K.DIVIDE_NONE
-        return K.DIVIDE_WEIGHT if p.normalize else K.DIVIDE_COUNT
-    return K.DIVIDE_WEIGHT if p.normalize else K.DIVIDE_NONE
+    return {"none": K.DIVIDE_NONE, "weight": K.DIVIDE_WEIGHT, "count": K.DIVIDE_COUNT}[divisor_rule(p, family)]
 
 
 def gta_triton(base: torch.Tensor, experts: Sequence[torch.Tensor], params: Any, ctx: TensorContext, family, method_name: str) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""What tells the members of the task-arithmetic family apart, shared by every executor of the
+family (the torch reference in methods/task_arithmetic.py, the fused C loops in cpu_merge.py and
+the Triton kernel in fused_merge.py) and by the config loader.
+
+Each registered member carries its ``Family`` (``MergeMethod.family``): the list of members is
+the registry, never a copy. Adding a member whose sparsifier exists already is one ``_register``
+call in methods/task_arithmetic.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Sparsify = Literal["magnitude", "random", "breadcrumbs", "della"]
+Divisor = Literal["weight", "count", "none"]
+
+
+@dataclass(frozen=True)
+class Family:
+    sparsify: Sparsify | None
+    consensus: bool
+    # mergekit's defaults for its method of the same name (consensus, normalize, rescale), which
+    # the config loader applies to mergekit YAML; None: not a mergekit method
+    mergekit_defaults: tuple[bool, bool, bool] | None = None
+
+
+def divisor_rule(p: Any, family: Family) -> Divisor:
+    """What Σᵢ mᵢwᵢτ̃ᵢ is divided by: Σ of the agreeing weights (weight), the count of agreeing
+    entries (count), or nothing (none)."""
+    if family.consensus:
+        if p.disjoint == "sum":
+            return "none"
+        return "weight" if p.normalize else "count"
+    return "weight" if p.normalize else "none"
