@@ -7,7 +7,7 @@ method's whole-model analysis when it needs one, then merge tensor by tensor thr
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -263,10 +263,3 @@ def describe(method: str) -> dict[str, Any]:
         "params": describe_params(spec.params),
         "backends": ["torch", *spec.impls],
     }
-
-
-def iter_describe() -> Iterable[dict[str, Any]]:
-    from .registry import list_methods
-
-    for name in list_methods():
-        yield describe(name)

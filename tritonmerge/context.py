@@ -33,14 +33,9 @@ class TensorDecisions:
     density: list[float] | None = None
     threshold: list[float] | None = None
     keep: list[bool] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {})}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TensorDecisions":
-        return cls(**data)
 
 
 @dataclass
@@ -60,13 +55,6 @@ class ModelDecisions:
             "summary": self.summary,
             "tensors": {k: v.to_json() for k, v in self.tensors.items() if v.to_json()},
         }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ModelDecisions":
-        return cls(
-            tensors={k: TensorDecisions.from_json(v) for k, v in data.get("tensors", {}).items()},
-            summary=dict(data.get("summary", {})),
-        )
 
 
 @dataclass

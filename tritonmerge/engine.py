@@ -39,10 +39,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .api import all_finite, merge_one
 from .config import MergeConfig, load_config, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
+from .distributed import SINGLE, Ranks
 from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, OutputLockedError, TritonMergeError
 from .io import folder as outfolder
 from .io.index import CheckpointIndex, dtype_name, itemsize, open_checkpoint
@@ -61,8 +62,7 @@ from .io.writer import (
     replaced_dir,
     write_index,
 )
-from . import distributed
-from .distributed import SINGLE, Ranks
+from .ops.cpu_merge import known_nonfinite
 from .registry import Composite
 
 log = logging.getLogger("tritonmerge")
@@ -933,9 +933,11 @@ def _merge_pass(
 
 
 def _checked_result(plan: MergePlan, unit: WorkUnit, out: torch.Tensor, report: MergeReport, result: MergeResult) -> torch.Tensor:
-    """The merged unit in its output dtype, after the NaN/Inf check of the result."""
-    if out.is_floating_point() and not all_finite(out):
-        n_bad = int((~torch.isfinite(out)).sum())
+    """The merged unit in its output dtype, after the NaN/Inf check of the result (the fused
+    CPU merge counts them as it writes: no second read of its output)."""
+    counted = known_nonfinite(out)
+    if out.is_floating_point() and (counted if counted is not None else not all_finite(out)):
+        n_bad = counted if counted else int((~torch.isfinite(out)).sum())
         where = f" (rows {unit.rows[0]}..{unit.rows[1] - 1})" if unit.rows else ""
         msg = f"the merge of tensor {unit.name!r}{where} produced {n_bad} NaN/Inf value(s)"
         if not plan.options.allow_nonfinite:

@@ -39,9 +39,6 @@ SUPPORTED_SPARSIFY = (None, "magnitude", "random")
 _DIVIDE = {"none": ck.DIV_NONE, "weight": ck.DIV_WEIGHT, "count": ck.DIV_COUNT}
 _ELECT = {None: ck.ELECT_NONE, "sum": ck.ELECT_SUM, "count": ck.ELECT_COUNT}
 
-# Members of methods/task_arithmetic.py and their Family(sparsify, consensus); "linear" is separate.
-
-
 # id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
 # counted in the merge pass itself. Keyed by id (a tensor's == is elementwise, so it cannot be a
 # WeakKeyDictionary key); an entry goes when its tensor does.

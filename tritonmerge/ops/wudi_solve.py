@@ -38,7 +38,6 @@ torch/cuBLAS followed by one fused gradient + Adam kernel from ``tritonmerge._C`
 from __future__ import annotations
 
 import contextlib
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
@@ -555,13 +554,3 @@ def wudi_solve_batched(
             losses.n_tasks.extend(int(k) for k in problem.n_tasks.tolist())
             merged[start : start + len(chunk)] = tau.to(out_device)
     return merged, losses
-
-
-def wudi_solve(
-    task_vectors: torch.Tensor, **kwargs
-) -> tuple[torch.Tensor, float, float]:
-    """One layer: [T, m, n] -> (merged [m, n], init loss, final loss). Keywords as the batched one."""
-    merged, losses = wudi_solve_batched(task_vectors.unsqueeze(0), **kwargs)
-    init = losses.init[0] if losses.init else math.nan
-    final = losses.final[0] if losses.final else math.nan
-    return merged[0], init, final
