@@ -302,3 +302,17 @@ def test_exact_solver_stays_bounded_on_low_rank_task_vectors():
     scale = sum(float((e - base).norm()) for e in experts)
     assert float((exact - base).norm()) <= 2 * scale
     assert report.tensors[name]["wudi_loss"] <= adam_report.tensors[name]["wudi_loss"] + 1e-12
+
+
+def test_the_cuda_backend_declines_the_exact_solver():
+    """The exact solver runs in torch: auto selection then reports "torch", and an explicit
+    backend="cuda" is told why it cannot be honoured."""
+    from tritonmerge.context import TensorContext
+    from tritonmerge.registry import get_method
+
+    wudi = get_method("wudi")
+    x = torch.zeros(4, 4)
+    exact = wudi.impls["cuda"].supports(wudi.validate({"solver": "exact"}), x, [x], TensorContext(name="w"))
+    adam = wudi.impls["cuda"].supports(wudi.validate({}), x, [x], TensorContext(name="w"))
+    assert any("solver 'exact'" in why for why in exact)
+    assert not any("solver" in why for why in adam)

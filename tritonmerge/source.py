@@ -63,6 +63,14 @@ class InMemorySource:
         self.n_experts = len(self._experts)
         self._device = device
 
+    @property
+    def device(self) -> torch.device:
+        """Where ``load`` returns tensors (the analyses decide their backend by it)."""
+        if self._device is not None:
+            return torch.device(self._device)
+        first = next(iter(self._base.values()), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._base[name].shape)
 

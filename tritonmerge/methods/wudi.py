@@ -175,6 +175,8 @@ def _cuda_supports(params: WudiParams, base: torch.Tensor, experts: Sequence[tor
     reasons = []
     if not base.is_cuda:
         reasons.append("the tensors are not on a CUDA device")
+    if params.solver == "exact":  # so that the merge report names the backend that ran
+        reasons.append("solver 'exact' is a linear solve in torch; the CUDA step serves the adam solver only")
     ext, why = backends.extension_status()
     if ext is not None and not hasattr(ext, "wudi_adam_step"):
         reasons.append("tritonmerge._C has no wudi_adam_step (rebuild the extension)")
@@ -183,7 +185,7 @@ def _cuda_supports(params: WudiParams, base: torch.Tensor, experts: Sequence[tor
 
 @wudi.register_impl("cuda", supports=_cuda_supports)
 def _wudi_cuda(base: torch.Tensor, experts: Sequence[torch.Tensor], params: WudiParams, ctx: TensorContext) -> torch.Tensor:
-    return _merge(base, experts, params, ctx, backend="cuda" if params.solver == "adam" else "torch")
+    return _merge(base, experts, params, ctx, backend="cuda")
 
 
 # ----------------------------------------------------------------------------------------------
