@@ -48,13 +48,46 @@ def start_cli(*args: str | os.PathLike, **env: str) -> subprocess.Popen:
     )
 
 
-def run_cli_with(prelude: str, *args: str | os.PathLike, script_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The CLI's ``main(ARGS)`` in a fresh interpreter, after running ``prelude`` there."""
+def cli_script(prelude: str, script_dir: Path) -> Path:
+    """A script that runs ``prelude`` and then the CLI's ``main(sys.argv[1:])`` (for a fresh
+    interpreter, or for torchrun to start once per rank)."""
     script = script_dir / f"cli_with_{hashlib.sha1(prelude.encode()).hexdigest()[:10]}.py"
     script.write_text(
         textwrap.dedent(prelude) + "\nimport sys\nfrom tritonmerge.cli import main\nsys.exit(main(sys.argv[1:]))\n",
         encoding="utf-8",
     )
+    return script
+
+
+def die_inside_shard(nth: int, only_if: str = "True") -> str:
+    """A prelude that SIGKILLs the process right after the first bytes of the ``nth`` shard file
+    it opens (when the expression ``only_if`` holds, e.g. for one rank)."""
+    return f"""
+import os, signal
+if {only_if}:
+    import tritonmerge.io.writer as w
+    _open = w.open_shard_file
+    opened = []
+    class DiesAfterFirstWrite:
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            self.f.write(data)
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    def open_shard_file(path):
+        opened.append(path)
+        f = _open(path)
+        return DiesAfterFirstWrite(f) if len(opened) == {nth} else f
+    w.open_shard_file = open_shard_file
+"""
+
+
+def run_cli_with(prelude: str, *args: str | os.PathLike, script_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The CLI's ``main(ARGS)`` in a fresh interpreter, after running ``prelude`` there."""
+    script = cli_script(prelude, script_dir)
     return subprocess.run(
         [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=cli_env(), timeout=timeout
     )

@@ -12,13 +12,12 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from _checkpoints import folder_bytes, make_tiny, write_config
-from _cli import cli_env, leftovers, run_cli, tree
+from _cli import cli_env, cli_script, die_inside_shard, leftovers, run_cli, tree
 
 from tritonmerge.io.writer import partial_dir
 
@@ -72,16 +71,6 @@ def torchrun(nproc: int, script_or_module: list[str], *args, timeout: float = 30
     )
 
 
-def cli_script(tmp: Path, prelude: str) -> Path:
-    """A script that runs ``prelude`` and then the CLI's main (for torchrun to start per rank)."""
-    script = tmp / "rank_cli.py"
-    script.write_text(
-        textwrap.dedent(prelude) + "\nimport sys\nfrom tritonmerge.cli import main\nsys.exit(main(sys.argv[1:]))\n",
-        encoding="utf-8",
-    )
-    return script
-
-
 @pytest.mark.parametrize("nproc", [2, 3])
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_ranks_give_the_single_process_bytes(models, single, tmp_path, key, nproc):
@@ -99,7 +88,7 @@ def test_torchrun_command_and_each_rank_reads_only_its_tensors(models, single, t
     _, _, _, configs = models
     log = tmp_path / "loads"
     log.mkdir()
-    script = cli_script(tmp_path, f"""
+    script = cli_script(f"""
         import os, json
         import tritonmerge.engine as eng
         loads = {{"analysis": [], "merge": []}}
@@ -116,7 +105,7 @@ def test_torchrun_command_and_each_rank_reads_only_its_tensors(models, single, t
         eng._read_unit = read_unit
         import atexit
         atexit.register(lambda: open(os.path.join({str(log)!r}, "rank-" + os.environ["RANK"]), "w").write(json.dumps(loads)))
-    """)
+    """, tmp_path)
     out = tmp_path / "out"
     proc = torchrun(2, [str(script)], "merge", configs["lwptv"], out, *SHARD)
     assert proc.returncode == 0, proc.stderr
@@ -147,27 +136,7 @@ def test_a_killed_rank_fails_the_run_and_resume_with_other_ranks_finishes(models
     partial folder keeps every finished shard, and --resume with another rank count finishes
     with the bytes of an uninterrupted single-process run."""
     _, _, _, configs = models
-    script = cli_script(tmp_path, """
-        import os, signal
-        if os.environ.get("RANK") == "1":
-            import tritonmerge.io.writer as w
-            _open = w.open_shard_file
-            opened = []
-            class DiesAfterFirstWrite:
-                def __init__(self, f):
-                    self.f = f
-                def write(self, data):
-                    self.f.write(data)
-                    self.f.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                def __getattr__(self, name):
-                    return getattr(self.f, name)
-            def open_shard_file(path):
-                opened.append(path)
-                f = _open(path)
-                return DiesAfterFirstWrite(f) if len(opened) == 2 else f
-            w.open_shard_file = open_shard_file
-    """)
+    script = cli_script(die_inside_shard(2, only_if='os.environ.get("RANK") == "1"'), tmp_path)
     out = tmp_path / "out"
     proc = torchrun(2, [str(script)], "merge", configs["tadrop"], out, *SHARD)
     assert proc.returncode != 0

@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from _checkpoints import folder_bytes, make_tiny, write_config
-from _cli import leftovers, run_cli, run_cli_with
+from _cli import die_inside_shard, leftovers, run_cli, run_cli_with
 
 from tritonmerge.io.lock import lock_path
 from tritonmerge.io.writer import partial_dir
@@ -37,29 +37,7 @@ KILL_POINTS = {
         """,
         0,
     ),
-    "inside_third_shard": (
-        f"""
-        import os, signal
-        import tritonmerge.io.writer as w
-        _open = w.open_shard_file
-        opened = []
-        class DiesAfterFirstWrite:
-            def __init__(self, f):
-                self.f = f
-            def write(self, data):
-                self.f.write(data)
-                self.f.flush()
-                {KILL}
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-        def open_shard_file(path):
-            opened.append(path)
-            f = _open(path)
-            return DiesAfterFirstWrite(f) if len(opened) == 3 else f
-        w.open_shard_file = open_shard_file
-        """,
-        2,
-    ),
+    "inside_third_shard": (die_inside_shard(3), 2),
     "before_commit": (
         f"""
         import os, signal

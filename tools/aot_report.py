@@ -215,7 +215,7 @@ def parse_nvcc_log(log: str, source: str) -> list[dict[str, Any]]:
 
 def compile_cuda(nvcc: str) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, errors) for every csrc/*.cu: one nvcc run per file for all of CUDA_ARCHS."""
-    from tritonmerge.kernels.specializations import ARCH_LIMITS
+    from tritonmerge.kernels.specializations import judge_usage
 
     rows, errors = [], []
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
@@ -237,20 +237,10 @@ def compile_cuda(nvcc: str) -> tuple[list[dict[str, Any]], list[str]]:
             if not parsed:
                 errors.append(f"{rel}: no kernel in the ptxas -v output")
             for row in parsed:
-                limits = ARCH_LIMITS[int(row["arch"][3:])]
-                problems = []
                 if "registers" not in row or "spill_store_bytes" not in row:
-                    problems.append("no register/spill line in the ptxas log")
+                    row.update(ok=False, error="no register/spill line in the ptxas log")
                 else:
-                    if row["spill_store_bytes"] or row["spill_load_bytes"]:
-                        problems.append(f"spills {row['spill_store_bytes']} B stores / {row['spill_load_bytes']} B loads")
-                    if row["shared_bytes"] > limits["shared_bytes"]:
-                        problems.append(f"shared memory {row['shared_bytes']} B > {limits['shared_bytes']} B")
-                    if row["registers"] > limits["registers"]:
-                        problems.append(f"{row['registers']} registers > {limits['registers']}")
-                row["ok"] = not problems
-                if problems:
-                    row["error"] = "; ".join(problems)
+                    judge_usage(row, int(row["arch"][3:]))
                 row["compile_s"] = seconds  # of the whole file, all architectures
             rows += parsed
     return rows, errors

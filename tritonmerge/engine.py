@@ -721,12 +721,7 @@ def run_merge(
     plan = plan_merge(config, out_dir, options)
     _check_backend(plan, device)
     if options.dry_run:
-        holder = OutputLock(plan.out_dir).holder()
-        if holder is not None:
-            raise OutputLockedError(f"another tritonmerge (pid {holder or '?'}) is writing {plan.out_dir}")
-        _check_output(plan)
-        print(plan.describe())
-        print(f"disk:          {_check_disk(plan, 0)}")
+        _dry_run(plan)
         return MergeResult(out_dir=plan.out_dir, plan=plan)
 
     created = _make_parents(plan.out_dir.parent)
@@ -745,6 +740,18 @@ def run_merge(
                 folder.rmdir()
             except OSError:
                 break
+
+
+def _dry_run(plan: MergePlan, *extra_lines: str) -> None:
+    """--dry-run: the checks that read no tensor data and take nothing, then the plan."""
+    holder = OutputLock(plan.out_dir).holder()
+    if holder is not None:
+        raise OutputLockedError(f"another tritonmerge (pid {holder or '?'}) is writing {plan.out_dir}")
+    _check_output(plan)
+    print(plan.describe())
+    print(f"disk:          {_check_disk(plan, 0)}")
+    for line in extra_lines:
+        print(line)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -767,15 +774,8 @@ def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable
     result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done_shards))
     try:
         try:
-            decisions = ModelDecisions()
             checked: set[str] = set()
-            if plan.needs_analysis:
-                say(f"analysis pass over {len(plan.names)} tensors ...")
-                source = StreamingSource(plan, reader, device, checked)
-                try:
-                    decisions = _analyze(plan, source)
-                finally:
-                    source.close()
+            decisions = _analysis_pass(plan, reader, device, checked, say)
             report.decisions = decisions
             _merge_pass(plan, reader, device, decisions, report, manifest, done_shards, result, checked)
         finally:
@@ -833,10 +833,34 @@ def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest, exc: BaseExcep
     return "no shard was finished, so nothing was kept"
 
 
-def _analyze(plan: MergePlan, source: StreamingSource) -> ModelDecisions:
+def _analysis_pass(
+    plan: MergePlan,
+    reader: TensorReader,
+    device: torch.device,
+    checked: set[str],
+    say: Callable[[str], None],
+    ranks: Ranks = SINGLE,
+    local: set[str] | None = None,
+) -> ModelDecisions:
+    """The method's whole-model analysis over a streaming source (this rank's ``local`` tensors
+    in a distributed merge); tensors it reads whole are added to ``checked`` (NaN/Inf)."""
+    if not plan.needs_analysis:
+        return ModelDecisions()
     from .api import analyze
 
-    return analyze(plan.config.spec, plan.analysis_params, source)
+    on = f" on {ranks.world} rank(s)" if ranks.distributed else ""
+    say(f"analysis pass over {len(plan.names)} tensors{on} ...")
+    source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=local)
+    try:
+        return analyze(plan.config.spec, plan.analysis_params, source)
+    finally:
+        source.close()
+
+
+def _units_left(plan: MergePlan, done_shards: set[str]) -> list[WorkUnit]:
+    """The work units of every shard not in ``done_shards``, in plan order."""
+    skip_names = {e.name for s in plan.shards if s.filename in done_shards for e in s.entries}
+    return [u for u in plan.units if u.name not in skip_names]
 
 
 def _merge_pass(
@@ -854,8 +878,7 @@ def _merge_pass(
     """Merge and write every shard not in ``done_shards`` (finished, or another rank's).
     ``progress`` (with update(bytes)) replaces the process's own bar; its caller closes it."""
     opts = plan.options
-    skip_names = {e.name for s in plan.shards if s.filename in done_shards for e in s.entries}
-    units = [u for u in plan.units if u.name not in skip_names]
+    units = _units_left(plan, done_shards)
     total = sum(u.in_bytes for u in units)
     own_bar = progress is None
     bar = _progress(total, opts.quiet) if own_bar else progress
@@ -1035,20 +1058,17 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
 # ------------------------------------------------------------------------------------------------
 # several processes (torchrun): see distributed.py for the design
 
-# a work unit's estimated cost, in bytes moved: its reads and writes plus, for methods that run
-# matrix products per tensor (WUDI), their floating-point work at this many operations per byte
+# a work unit's estimated cost, in bytes moved: its reads and writes plus, for methods that say
+# how much arithmetic a tensor takes (MergeMethod.flops: WUDI), that at this many operations per byte
 FLOPS_PER_BYTE = 64.0
 
 
 def _unit_cost(plan: MergePlan, unit: WorkUnit) -> float:
     cost = float(unit.in_bytes + unit.out_bytes)
-    spec, params = plan.config.spec.innermost(plan.params[unit.name])
-    shape = plan.base.tensors[unit.name].shape
-    if spec.name == "wudi" and len(shape) == 2:
-        m, n = shape
-        steps = 1 if getattr(params, "solver", "adam") == "exact" else max(int(getattr(params, "steps", 1)), 1)
-        # Adam: per step one [m, n] x [n, n] product per task; exact: one n x n solve per row block
-        cost += steps * 2.0 * plan.n_experts * m * n * n / FLOPS_PER_BYTE
+    method, params = plan.config.spec.innermost(plan.params[unit.name])
+    if method.flops is not None:
+        info = plan.base.tensors[unit.name]
+        cost += method.flops(params, unit.name, info.shape, plan.n_experts) / FLOPS_PER_BYTE
     return cost
 
 
@@ -1181,13 +1201,7 @@ def _merge_on_ranks(config, out_dir, options: MergeOptions, echo, ranks: Ranks) 
         _check_backend(plan, device)
     if options.dry_run:
         if leader:
-            holder = OutputLock(plan.out_dir).holder()
-            if holder is not None:
-                raise OutputLockedError(f"another tritonmerge (pid {holder or '?'}) is writing {plan.out_dir}")
-            _check_output(plan)
-            print(plan.describe())
-            print(f"disk:          {_check_disk(plan, 0)}")
-            print(f"ranks:         {ranks.world} (whole shards dealt by estimated cost)")
+            _dry_run(plan, f"ranks:         {ranks.world} (whole shards dealt by estimated cost)")
         return MergeResult(out_dir=plan.out_dir, plan=plan)
 
     # 2. rank 0 takes the lock and readies the partial folder
@@ -1248,19 +1262,10 @@ def _ranks_merge(
     result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done))
     t0 = time.perf_counter()
     try:
-        decisions = ModelDecisions()
         checked: set[str] = set()
-        if plan.needs_analysis:
-            say(f"analysis pass over {len(plan.names)} tensors on {ranks.world} rank(s) ...")
-            source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=analysed_here)
-            try:
-                decisions = _analyze(plan, source)
-            finally:
-                source.close()
+        decisions = _analysis_pass(plan, reader, device, checked, say, ranks, analysed_here)
         report.decisions = decisions
-        remaining = sum(u.in_bytes for u in plan.units if u.name not in
-                        {e.name for s in plan.shards if s.filename in done for e in s.entries})
-        progress = _RankProgress(plan, ranks, remaining)
+        progress = _RankProgress(plan, ranks, sum(u.in_bytes for u in _units_left(plan, done)))
         try:
             _merge_pass(plan, reader, device, decisions, report, manifest, not_here, result, checked, progress)
             if not leader:

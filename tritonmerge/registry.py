@@ -59,6 +59,10 @@ class MergeMethod:
     max_group_size: Callable[..., int] | None = None
     # members of the task-arithmetic family: what sets them apart (ops/family.Family)
     family: Any = None
+    # floating-point operations to merge one tensor beyond its elementwise work, where that
+    # dominates (WUDI's matrix products): flops(params, name, shape, n_experts); the distributed
+    # engine balances ranks by it
+    flops: Callable[..., float] | None = None
 
     def validate(self, params: dict[str, Any]) -> Any:
         """Validated parameters; for a modifier a ``Composite`` of its own and the inner method's."""

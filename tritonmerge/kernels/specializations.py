@@ -232,6 +232,13 @@ def compile_specialization(table: LaunchTable, spec: Specialization, arch: int) 
     row.update(usage)
     row["shared_bytes"] = int(compiled.metadata.shared) + usage["static_shared_bytes"]
     row["compile_s"] = round(time.perf_counter() - start, 3)
+    judge_usage(row, arch)
+    return row
+
+
+def judge_usage(row: dict[str, Any], arch: int) -> None:
+    """Set ``ok`` (and ``error``) on a report row from its registers, spills and shared memory:
+    no spills, and within ``ARCH_LIMITS`` of the architecture."""
     limits = ARCH_LIMITS[arch]
     problems = []
     if row["spill_store_bytes"] or row["spill_load_bytes"]:
@@ -243,7 +250,6 @@ def compile_specialization(table: LaunchTable, spec: Specialization, arch: int) 
     row["ok"] = not problems
     if problems:
         row["error"] = "; ".join(problems)
-    return row
 
 
 def launch_tables(module) -> dict[str, LaunchTable]:

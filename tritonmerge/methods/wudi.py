@@ -251,6 +251,17 @@ def merge_wudi_group(
     return out
 
 
+def wudi_flops(params: WudiParams, name: str, shape: Sequence[int], n_experts: int) -> float:
+    """The matrix products of one tensor: per Adam step one [m, n] × [n, n] product (forming G
+    and B costs about one more step per task); the exact solver about one step's worth."""
+    if not is_selected(name, shape, params):
+        return 0.0
+    m, n = shape
+    steps = 1 if params.solver == "exact" else max(params.steps, 1)
+    return (steps + n_experts) * 2.0 * m * n * n
+
+
+wudi.flops = wudi_flops
 wudi.group_key = wudi_group_key
 wudi.merge_group = merge_wudi_group
 wudi.max_group_size = max_group_size
