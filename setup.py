@@ -56,7 +56,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tritonmerge", "tritonmerge.*"]),
-    package_data={"tritonmerge": ["csrc_cpu/*.c"]},
+    package_data={"tritonmerge": ["backends/cpu/*.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

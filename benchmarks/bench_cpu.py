@@ -4,7 +4,7 @@ bf16 tensors of Llama shapes (pytest-benchmark).
 Cases: a 4096×4096 projection, a 32000×768 embedding and a 4096×8192 tensor (33.5M elements, the
 size the design notes quote). Variants:
 
-- ``cpu``:   ops/cpu_merge.gta_cpu (radix select + fused merge in C, OpenMP threads);
+- ``cpu``:   backends/cpu/merge.gta_cpu (radix select + fused merge in C, OpenMP threads);
 - ``torch``: the reference merge_family (what the torch backend runs), timed once;
 - ``bound``: reading the inputs and writing the output once with torch copies (one pass at the
   machine's copy speed): the floor for any implementation that must read every input;
@@ -34,8 +34,8 @@ from benchmarks import machine
 
 from tritonmerge.context import TensorContext
 from tritonmerge.methods.task_arithmetic import Family, merge_family
-from tritonmerge.ops import cpu_kernels as ck
-from tritonmerge.ops import cpu_merge
+from tritonmerge.backends.cpu import kernels as ck
+from tritonmerge.backends.cpu import merge as cpu_merge
 from tritonmerge.ops.select import keep_count
 from tritonmerge.ops.stats import task_vector_stats_reference
 from tritonmerge.registry import get_method

@@ -2,7 +2,7 @@
 
 GPU mode (default, needs CUDA):
 - threshold selection of the top 20% of |x| over 10⁸ and 10⁹ fp32 elements: ours (radix select,
-  kernels/select.topk_spec_triton: threshold + exact tie cutoff) vs ``torch.kthvalue``,
+  backends/triton/select.topk_spec_triton: threshold + exact tie cutoff) vs ``torch.kthvalue``,
   ``torch.topk`` and a full ``argsort`` (mergekit's way);
 - fused TIES over N = 8 bf16 tensors of 4096×14336 (density 0.2), and TADrop-TIES (a different
   density per expert, as TADrop's analysis hands them over): ours vs the torch reference
@@ -177,7 +177,7 @@ def _magnitude(numel: int) -> torch.Tensor:
 def _select(variant: str, magnitude: torch.Tensor, k: int) -> float:
     n = magnitude.numel()
     if variant == "ours":
-        from tritonmerge.kernels.select import topk_spec_triton
+        from tritonmerge.backends.triton.select import topk_spec_triton
 
         return topk_spec_triton(None, [magnitude], [k]).threshold[0]
     if variant == "kthvalue":
@@ -266,7 +266,7 @@ def _merge(variant: str, base, experts, densities, tadrop: bool) -> torch.Tensor
     ctx = TensorContext(name="model.layers.0.mlp.up_proj.weight", decisions=TensorDecisions(density=densities if tadrop else None))
     family = Family("magnitude", True)
     if variant == "ours":
-        from tritonmerge.ops.fused_merge import gta_triton
+        from tritonmerge.backends.triton.merge import gta_triton
 
         return gta_triton(base, experts, p, ctx, family, "ties")
     if variant == "torch_reference":

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel specialisation (sm_80, sm_90, sm_100) and of
 the CUDA extension (sm_80, sm_90), on a machine without a GPU: tools/aot_report.py.
 
-The kernels are found by reading tritonmerge/kernels/ (a new launched kernel without a
+The kernels are found by reading tritonmerge/backends/triton/ (a new launched kernel without a
 LaunchTable fails here); the specialisations come from the LaunchTables the launchers launch
 through. Writes benchmarks/results/triton_aot.json; fails on any compile error, spill, or shared
 memory / register use beyond the architecture's limit. Takes a few minutes on 2 cores."""
@@ -34,7 +34,7 @@ aot_report = _load_tool()
 
 def test_aot_discovery_finds_kernels_and_helpers():
     found = aot_report.discover()
-    assert found.jit_functions, "no @triton.jit function under tritonmerge/kernels/"
+    assert found.jit_functions, "no @triton.jit function under tritonmerge/backends/triton/"
     assert found.direct_launches == [], "launch these through their LaunchTable"
     # helpers are called only from kernels; the kernels need tables
     assert "_uniform" in set(found.jit_functions) - set(found.launched)
@@ -56,13 +56,13 @@ def test_aot_discovery_flags_an_untabled_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(aot_report, "KERNELS_DIR", kernels)
     monkeypatch.setattr(aot_report, "PACKAGE_DIR", tmp_path / "tritonmerge")
     found = aot_report.discover()
-    assert found.launched == {"_new_kernel": "tritonmerge.kernels.new"}
-    assert found.direct_launches == ["tritonmerge/kernels/new.py:12 _new_kernel"]
+    assert found.launched == {"_new_kernel": "tritonmerge.backends.triton.new"}
+    assert found.direct_launches == ["tritonmerge/backends/triton/new.py:12 _new_kernel"]
 
 
 def test_aot_launch_refuses_an_unlisted_specialization():
-    from tritonmerge.kernels import fused_merge as K
-    from tritonmerge.kernels.specializations import UnlistedSpecialization
+    from tritonmerge.backends.triton import fused_merge as K
+    from tritonmerge.backends.triton.specializations import UnlistedSpecialization
 
     x = torch.zeros(4)
     with pytest.raises(UnlistedSpecialization, match="not in its LaunchTable"):
@@ -72,7 +72,7 @@ def test_aot_launch_refuses_an_unlisted_specialization():
 
 
 def test_aot_ptxas_log_parsing():
-    from tritonmerge.kernels.specializations import parse_ptxas_log
+    from tritonmerge.backends.triton.specializations import parse_ptxas_log
 
     log = (
         "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"

@@ -1,4 +1,4 @@
-"""The fused CPU loops (ops/cpu_kernels.py + csrc/cpu/merge_cpu.c) against the torch reference.
+"""The fused CPU loops (backends/cpu/kernels.py + backends/cpu/merge_cpu.c) against the torch reference.
 
 The reference (methods/task_arithmetic.merge_family / merge_linear) is the specification, and the
 C loops perform the same float32 operations in the same order, so outputs must be bit-identical
@@ -20,8 +20,8 @@ from tritonmerge.api import analyze, merge_one
 from tritonmerge.context import MergeReport, TensorContext, TensorDecisions
 from tritonmerge.errors import BackendUnavailableError
 from tritonmerge.methods.task_arithmetic import merge_family, merge_linear
-from tritonmerge.ops import cpu_kernels as ck
-from tritonmerge.ops import cpu_merge
+from tritonmerge.backends.cpu import kernels as ck
+from tritonmerge.backends.cpu import merge as cpu_merge
 from tritonmerge.ops.select import keep_count, kth_largest, model_thresholds, topk_mask
 from tritonmerge.registry import get_method, method_table
 from tritonmerge.source import InMemorySource

@@ -1,4 +1,4 @@
-"""The fused Triton merge (ops/fused_merge.gta_triton) against methods.task_arithmetic.merge_family:
+"""The fused Triton merge (backends/triton/merge.gta_triton) against methods.task_arithmetic.merge_family:
 the error-budget rule against the float64 reference, exact equality where the arithmetic is exact
 (tied inputs on a 1/8 grid), DARE masks equal to the reference's, analysis decisions (TADrop
 densities, model-scope thresholds, LwPTV keep flags), row chunks, and backend dispatch.
@@ -18,7 +18,7 @@ from tritonmerge import backends
 from tritonmerge.context import TensorContext, TensorDecisions
 from tritonmerge.errors import BackendUnavailableError
 from tritonmerge.methods.task_arithmetic import Family, merge_family, merge_linear
-from tritonmerge.ops import fused_merge as F
+from tritonmerge.backends.triton import merge as F
 from tritonmerge.ops.sparsify import bernoulli_mask
 from tritonmerge.registry import Implementation, get_method
 from tritonmerge.testing import assert_close_budget, make_inputs, make_tied_inputs

@@ -1,4 +1,4 @@
-"""kernels/select.py against ops/select.py: exact thresholds, exact kept counts, the same tie rule
+"""backends/triton/select.py against ops/select.py: exact thresholds, exact kept counts, the same tie rule
 (lowest flat index wins) and model-wide thresholds. Run on the CPU through TRITON_INTERPRET=1."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _ks(numel: int, n: int) -> list[int]:
 @pytest.mark.parametrize("tied", [False, True], ids=["continuous", "tied"])
 @pytest.mark.parametrize("shape,n", [((37, 53), 1), ((37, 53), 3), ((4099,), 2), ((7, 5, 3), 8)])
 def test_topk_masks_match_reference(device, dtype, tied, shape, n):
-    from tritonmerge.kernels.select import topk_masks_triton, topk_spec_triton
+    from tritonmerge.backends.triton.select import topk_masks_triton, topk_spec_triton
 
     make = make_tied_inputs if tied else make_inputs
     base, experts = make(shape, n, dtype, seed=n, device=device)
@@ -45,7 +45,7 @@ def test_topk_masks_match_reference(device, dtype, tied, shape, n):
 
 
 def test_magnitude_entry_points(device):
-    from tritonmerge.kernels.select import kth_largest_triton, topk_mask_triton
+    from tritonmerge.backends.triton.select import kth_largest_triton, topk_mask_triton
 
     gen = torch.Generator().manual_seed(3)
     magnitude = (torch.randint(0, 5, (61, 17), generator=gen).float() / 4).to(device)
@@ -57,8 +57,8 @@ def test_magnitude_entry_points(device):
 
 
 def test_stats_histogram_feeds_the_selection(device):
-    from tritonmerge.kernels.select import topk_spec_triton
-    from tritonmerge.kernels.stats import task_stats_triton
+    from tritonmerge.backends.triton.select import topk_spec_triton
+    from tritonmerge.backends.triton.stats import task_stats_triton
 
     base, experts = make_inputs((37, 53), 3, torch.bfloat16, device=device)
     _, hist = task_stats_triton(base, experts, histogram=True)
@@ -68,7 +68,7 @@ def test_stats_histogram_feeds_the_selection(device):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["continuous", "tied"])
 def test_model_thresholds_match_reference(device, tied):
-    from tritonmerge.kernels.select import model_thresholds_triton
+    from tritonmerge.backends.triton.select import model_thresholds_triton
 
     make = make_tied_inputs if tied else make_inputs
     shapes = [(37, 53), (129,), (5, 7, 3)]
@@ -92,7 +92,7 @@ def test_model_thresholds_match_reference(device, tied):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tied", [False, True], ids=["continuous", "tied"])
 def test_topk_full_size_gpu(tied):
-    from tritonmerge.kernels.select import topk_masks_triton, topk_spec_triton
+    from tritonmerge.backends.triton.select import topk_masks_triton, topk_spec_triton
 
     make = make_tied_inputs if tied else make_inputs
     base, experts = make((4096, 4099), 3, torch.bfloat16, device="cuda")

@@ -1,4 +1,4 @@
-"""kernels/stats.py against ops/stats.py's float64 reference (on the CPU through TRITON_INTERPRET=1).
+"""backends/triton/stats.py against ops/stats.py's float64 reference (on the CPU through TRITON_INTERPRET=1).
 
 The moments are sums, so their rounding error scales with Σ|x|ᵖ, not with the (possibly
 cancelling) result: the floor below is relative to Σ|x|ᵖ, the "magnitude" of each column."""
@@ -37,7 +37,7 @@ def _check_stats(got: torch.Tensor, base: torch.Tensor, experts: list[torch.Tens
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape,n", [((37, 53), 1), ((37, 53), 3), ((4099,), 2), ((1,), 3), ((7, 5, 3), 8)])
 def test_stats_match_reference(device, dtype, shape, n):
-    from tritonmerge.kernels.stats import task_stats_triton
+    from tritonmerge.backends.triton.stats import task_stats_triton
 
     base, experts = make_inputs(shape, n, dtype, seed=n, device=device)
     got, hist = task_stats_triton(base, experts, histogram=True)
@@ -48,7 +48,7 @@ def test_stats_match_reference(device, dtype, shape, n):
 
 
 def test_stats_non_contiguous_empty_and_tied(device):
-    from tritonmerge.kernels.stats import task_stats_triton
+    from tritonmerge.backends.triton.stats import task_stats_triton
 
     base, experts = make_tied_inputs((53, 37), 3, torch.bfloat16, device=device)
     views = [t.t() for t in [base, *experts]]
@@ -60,7 +60,7 @@ def test_stats_non_contiguous_empty_and_tied(device):
 
 @pytest.mark.gpu
 def test_stats_full_size_gpu():
-    from tritonmerge.kernels.stats import task_stats_triton
+    from tritonmerge.backends.triton.stats import task_stats_triton
 
     base, experts = make_inputs((4096, 4099), 8, torch.bfloat16, device="cuda")
     got, _ = task_stats_triton(base, experts)

@@ -1,4 +1,4 @@
-"""The fast backends' self-check on first use (tritonmerge/self_check.py) and the fallback it drives.
+"""The fast backends' self-check on first use (tritonmerge/backends/self_check.py) and the fallback it drives.
 
 On the CPU the triton backend runs under the Triton interpreter (the ``device`` fixture). Broken
 kernels are injected through the method registry (``MergeMethod.impls``, the table
@@ -22,10 +22,11 @@ pytest.importorskip("triton")
 
 import tritonmerge
 import tritonmerge as tm
-from tritonmerge import backends, info, self_check
+from tritonmerge import backends, info
+from tritonmerge.backends import self_check
 from tritonmerge.context import MergeReport
 from tritonmerge.errors import BackendUnavailableError, ParameterError
-from tritonmerge.ops import fused_merge as F
+from tritonmerge.backends.triton import merge as F
 from tritonmerge.ops import wudi_solve
 from tritonmerge.registry import Implementation, get_method
 from tritonmerge.testing import make_inputs

@@ -6,8 +6,8 @@ the supported GPU architectures, on a machine without a GPU.
     python -m tools.aot_report --full     # also every mixed base/expert dtype pair (slow)
     python -m tools.aot_report --out PATH
 
-Triton: the kernels are found by reading the sources of tritonmerge/kernels/ (``discover``); each
-launched one must have a LaunchTable (tritonmerge/kernels/specializations.py) next to its
+Triton: the kernels are found by reading the sources of tritonmerge/backends/triton/ (``discover``); each
+launched one must have a LaunchTable (tritonmerge/backends/triton/specializations.py) next to its
 launcher, and every table entry selected by ``selected`` is compiled with ``triton.compile``
 for each of ``TRITON_ARCHS`` by a process pool. Registers, spills and shared memory come from
 the ptxas log of that compile (Triton's bundled ptxas).
@@ -63,20 +63,20 @@ def _is_triton_jit(decorator: ast.expr) -> bool:
 
 @dataclass
 class Discovery:
-    jit_functions: dict[str, str]  # name -> module (tritonmerge.kernels.*)
+    jit_functions: dict[str, str]  # name -> module (tritonmerge.backends.triton.*)
     launched: dict[str, str]  # the jit functions host code refers to: kernels, not helpers
     direct_launches: list[str]  # "file:line name" of kernel[grid](...) calls bypassing a LaunchTable
 
 
 def discover() -> Discovery:
-    """Read tritonmerge/kernels/*.py for ``@triton.jit`` functions, then all of tritonmerge/ for
+    """Read tritonmerge/backends/triton/*.py for ``@triton.jit`` functions, then all of tritonmerge/ for
     references to them outside jit bodies: a jit function that host code names (to launch it,
     or to build its LaunchTable) is a launched kernel; one named only inside other jit
     functions is a helper. A ``name[grid](...)`` call in host code is a launch that skips the
     table's check."""
     jit_functions: dict[str, str] = {}
     for path in sorted(KERNELS_DIR.glob("*.py")):
-        module = "tritonmerge.kernels." + path.stem
+        module = "tritonmerge.backends.triton." + path.stem
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.FunctionDef) and any(_is_triton_jit(d) for d in node.decorator_list):
                 jit_functions[node.name] = module
@@ -104,7 +104,7 @@ def discover() -> Discovery:
 
 def tables_by_kernel(modules) -> dict[str, list[tuple[str, str]]]:
     """kernel name -> [(module, table attribute)] over the given kernel modules."""
-    from tritonmerge.kernels.specializations import launch_tables
+    from tritonmerge.backends.triton.specializations import launch_tables
 
     found: dict[str, list[tuple[str, str]]] = {}
     for module_name in sorted(set(modules)):
@@ -147,7 +147,7 @@ def _worker_setup(cache_dir: str) -> None:
 def compile_triton(jobs: list[tuple[str, str, int, int]], workers: int = WORKERS) -> list[dict[str, Any]]:
     """Compile (module, table, index, arch) jobs in a spawned process pool (fresh imports: no
     kernel swapped for the interpreter by an earlier test in this process)."""
-    from tritonmerge.kernels.specializations import compile_listed
+    from tritonmerge.backends.triton.specializations import compile_listed
 
     with tempfile.TemporaryDirectory(prefix="tritonmerge-aot-") as cache_dir:
         with concurrent.futures.ProcessPoolExecutor(
@@ -215,7 +215,7 @@ def parse_nvcc_log(log: str, source: str) -> list[dict[str, Any]]:
 
 def compile_cuda(nvcc: str) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, errors) for every csrc/*.cu: one nvcc run per file for all of CUDA_ARCHS."""
-    from tritonmerge.kernels.specializations import judge_usage
+    from tritonmerge.backends.triton.specializations import judge_usage
 
     rows, errors = [], []
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]

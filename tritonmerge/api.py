@@ -22,14 +22,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` has no NaN/Inf. On CPU one fused read (ops/cpu_kernels) where compiled;
+    """True when ``t`` has no NaN/Inf. On CPU one fused read (backends/cpu/kernels) where compiled;
     elsewhere a sum first (non-finite whenever an element is, ~10x cheaper than ``isfinite``),
     and the elementwise check only when the sum is not finite (or overflowed)."""
     if t.numel() == 0:
         return True
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
         if backends.cpu_status() is None:
-            from .ops import cpu_kernels
+            from .backends.cpu import kernels as cpu_kernels
 
             return cpu_kernels.count_nonfinite(t) == 0
     if bool(torch.isfinite(t.sum())):

@@ -62,7 +62,7 @@ from .io.writer import (
     replaced_dir,
     write_index,
 )
-from .ops.cpu_merge import known_nonfinite
+from .backends.cpu.merge import known_nonfinite
 from .registry import Composite
 
 log = logging.getLogger("tritonmerge")

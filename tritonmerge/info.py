@@ -21,7 +21,8 @@ def collect() -> dict[str, Any]:
     """The facts ``info_text`` prints, as a dict (for tests and bug reports)."""
     import torch
 
-    from . import __version__, backends, self_check
+    from . import __version__, backends
+    from .backends import self_check
     from .registry import get_method, list_methods
 
     devices = ["cpu"]
@@ -60,7 +61,7 @@ def _self_check_lines(triton_why: str | None, ext_why: str | None, cpu_why: str 
     """Per fast backend, its self-check on each device it would run on (info never runs a check)."""
     import torch
 
-    from . import self_check
+    from .backends import self_check
 
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     interpreter = os.environ.get("TRITON_INTERPRET") == "1"

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 FLOORS = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 1e-12}
-KERNEL_MODULES = ("tritonmerge.kernels.stats", "tritonmerge.kernels.select", "tritonmerge.kernels.fused_merge")
+KERNEL_MODULES = ("tritonmerge.backends.triton.stats", "tritonmerge.backends.triton.select", "tritonmerge.backends.triton.fused_merge")
 
 
 def error_budget(golden: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype) -> float:

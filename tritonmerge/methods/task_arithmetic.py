@@ -25,7 +25,8 @@ from .. import backends
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.consensus import combine
-from ..ops import cpu_merge, fused_merge
+from ..backends.cpu import merge as cpu_merge
+from ..backends.triton import merge as fused_merge
 from ..ops.family import Family, divisor_rule
 from ..ops.sparsify import (
     bernoulli_mask,

@@ -38,6 +38,6 @@ def task_vector_stats_reference(base: torch.Tensor, experts: Sequence[torch.Tens
 
 def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Dispatching entry point: the fused Triton kernel on CUDA tensors, else the reference."""
-    from .fused_merge import task_vector_stats as dispatch
+    from ..backends.triton.merge import task_vector_stats as dispatch
 
     return dispatch(base, experts)

@@ -456,7 +456,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     from ..backends import extension_status
 
-    from .. import self_check
+    from ..backends import self_check
 
     ext, why = extension_status()
     usable = ext is not None and device.type == "cuda" and hasattr(ext, "wudi_adam_step")

@@ -4,7 +4,7 @@ The torch reference is always available and is the specification. Fast implement
 register themselves on a method (``MergeMethod.register_impl``) with a ``supports`` function
 that returns the reasons it cannot take a call. Selection: the ``backend=`` argument, else
 ``TRITONMERGE_BACKEND`` (auto | cuda | triton | cpu | torch), else auto. ``cpu`` is the fused C
-loops compiled on first use (ops/cpu_kernels.py); ``cuda`` the compiled extension. An explicit request that
+loops compiled on first use (backends/cpu/kernels.py); ``cuda`` the compiled extension. An explicit request that
 cannot be met raises ``BackendUnavailableError`` with every reason; auto walks the priority
 list and logs its choice once. Nothing here imports triton or CUDA code at import time.
 
@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import torch
 
 from . import self_check
-from .context import TensorContext
-from .errors import BackendUnavailableError, ParameterError, TritonMergeError
-from .registry import Implementation, MergeMethod
+from ..context import TensorContext
+from ..errors import BackendUnavailableError, ParameterError, TritonMergeError
+from ..registry import Implementation, MergeMethod
 
 log = logging.getLogger("tritonmerge")
 
@@ -63,7 +63,7 @@ def extension_status() -> tuple[Any, str | None]:
     if os.environ.get("TRITONMERGE_DISABLE_EXT") == "1":
         return None, "disabled by TRITONMERGE_DISABLE_EXT=1"
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from .. import _C  # type: ignore[attr-defined]
     except Exception as exc:
         return None, (
             f"the CUDA extension tritonmerge._C is not built ({exc}); it is built by setup.py "
@@ -78,7 +78,7 @@ def cpu_status(checked: bool = True) -> str | None:
     if os.environ.get("TRITONMERGE_DISABLE_CPU_KERNELS") == "1":
         return "disabled by TRITONMERGE_DISABLE_CPU_KERNELS=1"
     try:
-        from .ops import cpu_kernels
+        from .cpu import kernels as cpu_kernels
     except Exception as exc:  # pragma: no cover - only when the module is broken
         return f"the fused CPU kernels cannot be imported: {exc}"
     why = cpu_kernels.status()

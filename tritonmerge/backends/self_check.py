@@ -63,7 +63,7 @@ def enabled() -> bool:
 def cache_path() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    from .ops.cpu_kernels import cache_dir
+    from .cpu.kernels import cache_dir
 
     return cache_dir() / "self_check.json"
 
@@ -82,9 +82,9 @@ def _method_check(backend: str, method: str, params: dict, *, tied: bool, n_expe
     (float64 golden); the implementation is looked up when the check runs."""
 
     def check(device: torch.device) -> None:
-        from .context import TensorContext
-        from .registry import get_method
-        from .testing import assert_close_budget, make_inputs, make_tied_inputs
+        from ..context import TensorContext
+        from ..registry import get_method
+        from ..testing import assert_close_budget, make_inputs, make_tied_inputs
 
         spec = get_method(method)
         impl = spec.implementation(backend)
@@ -104,7 +104,7 @@ def _method_check(backend: str, method: str, params: dict, *, tied: bool, n_expe
 
 
 def _columns_close(got: torch.Tensor, golden: torch.Tensor, what: str) -> None:
-    from .testing import assert_close_budget
+    from ..testing import assert_close_budget
 
     # per column: each statistic has its own scale. The tied inputs make every sum exact in
     # fp32 whatever the order, so the golden value is also what any fp32 kernel must give.
@@ -113,9 +113,9 @@ def _columns_close(got: torch.Tensor, golden: torch.Tensor, what: str) -> None:
 
 
 def _check_task_stats_triton(device: torch.device) -> None:
-    from .kernels import stats as kernel
-    from .ops.stats import task_vector_stats_reference
-    from .testing import make_tied_inputs
+    from .triton import stats as kernel
+    from ..ops.stats import task_vector_stats_reference
+    from ..testing import make_tied_inputs
 
     base, experts = make_tied_inputs((16, 8), 3, torch.bfloat16, seed=8, device=device)
     got, _ = kernel.task_stats_triton(base, experts)
@@ -124,16 +124,16 @@ def _check_task_stats_triton(device: torch.device) -> None:
 
 
 def _magnitudes(device: torch.device) -> torch.Tensor:
-    from .testing import make_inputs
+    from ..testing import make_inputs
 
     base, experts = make_inputs((16, 8), 1, torch.float32, seed=9, device=device)
     return (experts[0] - base).abs()
 
 
 def _check_select_triton(device: torch.device) -> None:
-    from .kernels import select as kernel
-    from .ops import select as reference
-    from .testing import assert_close_budget
+    from .triton import select as kernel
+    from ..ops import select as reference
+    from ..testing import assert_close_budget
 
     m = _magnitudes(device)
     m_cpu = m.cpu()
@@ -152,9 +152,9 @@ def _check_select_triton(device: torch.device) -> None:
 
 
 def _check_task_stats_cpu(device: torch.device) -> None:
-    from .ops import cpu_kernels
-    from .ops.stats import task_vector_stats_reference
-    from .testing import make_tied_inputs
+    from .cpu import kernels as cpu_kernels
+    from ..ops.stats import task_vector_stats_reference
+    from ..testing import make_tied_inputs
 
     base, experts = make_tied_inputs((16, 8), 3, torch.bfloat16, seed=8)
     golden = task_vector_stats_reference(base.double(), [e.double() for e in experts])
@@ -162,7 +162,7 @@ def _check_task_stats_cpu(device: torch.device) -> None:
 
 
 def _check_count_nonfinite_cpu(device: torch.device) -> None:
-    from .ops import cpu_kernels
+    from .cpu import kernels as cpu_kernels
 
     x = torch.linspace(-1, 1, 97, dtype=torch.float32)
     x[[3, 50, 96]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
@@ -173,8 +173,8 @@ def _check_count_nonfinite_cpu(device: torch.device) -> None:
 
 
 def _check_wudi_adam_step(device: torch.device) -> None:
-    from .ops import wudi_solve
-    from .testing import assert_close_budget
+    from ..ops import wudi_solve
+    from ..testing import assert_close_budget
 
     gen = torch.Generator().manual_seed(10)
     task_vectors = 0.1 * torch.randn(2, 3, 8, 16, generator=gen, dtype=torch.float64)
@@ -211,9 +211,9 @@ CHECKS: dict[str, dict[str, KernelCheck]] = {
 
 # files whose edit must re-run a backend's check (with this module: the checks themselves)
 _SOURCES = {
-    "triton": ("kernels/fused_merge.py", "kernels/select.py", "kernels/stats.py", "ops/fused_merge.py"),
+    "triton": ("backends/triton/fused_merge.py", "backends/triton/select.py", "backends/triton/stats.py", "backends/triton/merge.py"),
     "cuda": ("ops/wudi_solve.py",),
-    "cpu": ("csrc_cpu/merge_cpu.c", "ops/cpu_kernels.py", "ops/cpu_merge.py"),
+    "cpu": ("backends/cpu/merge_cpu.c", "backends/cpu/kernels.py", "backends/cpu/merge.py"),
 }
 
 
@@ -247,7 +247,7 @@ def _interpreting(backend: str, device: torch.device) -> bool:
 
 def _device_facts(backend: str, device: torch.device) -> dict[str, str]:
     if backend == "cpu":
-        from .ops import cpu_kernels
+        from .cpu import kernels as cpu_kernels
 
         return {"device": _cpu_model(), "capability": platform.machine(), "driver": cpu_kernels.build_info()}
     if _interpreting(backend, device):
@@ -275,11 +275,11 @@ _source_hashes: dict[str, str] = {}
 
 def _source_hash(backend: str) -> str:
     if backend not in _source_hashes:
-        here = Path(__file__).resolve().parent
+        here = Path(__file__).resolve().parent.parent  # tritonmerge/
         digest = hashlib.sha256()
-        paths = [here / "self_check.py", *(here / rel for rel in _SOURCES[backend])]
+        paths = [here / "backends" / "self_check.py", *(here / rel for rel in _SOURCES[backend])]
         if backend == "cuda":
-            from .backends import extension_status
+            from . import extension_status
 
             ext = extension_status()[0]
             if ext is not None and getattr(ext, "__file__", None):
@@ -294,7 +294,7 @@ def _source_hash(backend: str) -> str:
 
 def cache_key(backend: str, device: torch.device) -> dict[str, str]:
     """Everything a result depends on; a change in any of these runs the check again."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "backend": backend,

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-# The inputs' dtypes the fused merge takes (ops/fused_merge.KERNEL_DTYPES), and the wider set the
+# The inputs' dtypes the fused merge takes (backends/triton/merge.KERNEL_DTYPES), and the wider set the
 # selection and statistics kernels read (float64 magnitudes are converted in registers).
 MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 READ_DTYPES = (*MERGE_DTYPES, torch.float64)

@@ -133,7 +133,7 @@ def _fused_merge_kernel(
     out_ptr,
     active_ptr,  # int32 [N]: 0 = this expert's τ is zero here (not loaded)
     weight_ptr,  # fp32 [N]
-    thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr,  # fp32/int64 [N]: top-k specs (kernels/select)
+    thr_lo_ptr, cut_lo_ptr, thr_hi_ptr, cut_hi_ptr,  # fp32/int64 [N]: top-k specs (backends/triton/select)
     density_ptr,  # fp32 [N]: DARE keep probability and keep_prob rescale divisor
     scale_ptr,  # fp32 [N]: l1 rescale factor
     keys_ptr,  # int64 [N, 2]: ops/rng stream keys (uint32 values)
@@ -253,7 +253,7 @@ def _masked_l1_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# the specialisations ops/fused_merge dispatches to (checked at every launch, compiled by
+# the specialisations backends/triton/merge dispatches to (checked at every launch, compiled by
 # tests/test_aot_compile.py)
 
 # (SPARSIFY, HAS_UPPER): no mask, top-k (magnitude/TIES), top-k minus outliers (breadcrumbs), DARE
@@ -388,7 +388,7 @@ def fused_merge_triton(
     """Launch the fused merge (see the module docstring). Per-expert lists have N entries.
 
     ``has_base=False`` merges the experts themselves (linear averaging); then ``base`` only
-    gives shape, dtype and device. Threshold specs come from kernels/select.topk_spec_triton;
+    gives shape, dtype and device. Threshold specs come from backends/triton/select.topk_spec_triton;
     ``upper_*`` is a second top set removed from the kept one (breadcrumbs). ``keys`` are
     ops/rng.stream_keys per expert. Non-contiguous inputs are copied to contiguous first.
     Returns a contiguous tensor of base's shape in ``out_dtype`` (default: base's dtype)."""

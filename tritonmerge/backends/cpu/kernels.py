@@ -1,11 +1,11 @@
-"""The fused CPU loops (tritonmerge/csrc_cpu/merge_cpu.c), compiled on first use and called through ctypes.
+"""The fused CPU loops (tritonmerge/backends/cpu/merge_cpu.c), compiled on first use and called through ctypes.
 
 Why compiled at run time: most users merge on CPU and plain torch spends ~0.2 s per pass over a
 33M-element tensor, while the fused C loop makes one pass for the whole merge. Compiling on first
 use needs only a C compiler (no torch headers, no build step at install time), and the result is
 cached per user, keyed by the source, the compiler's version and the flags.
 
-- Source: ``tritonmerge/csrc_cpu/merge_cpu.c``, shipped inside the package.
+- Source: ``tritonmerge/backends/cpu/merge_cpu.c``, shipped inside the package.
 - Compiler: ``$TRITONMERGE_CC``, else ``$CC``, else ``cc``/``gcc``/``clang`` on PATH. Flags are
   portable (``-O3 -fopenmp -fPIC -shared -ffp-contract=off``, never ``-march=native``); the hot
   loops carry AVX2/AVX-512 clones chosen at load time, so a cache shared between machines works.
@@ -98,8 +98,8 @@ def reset() -> None:
 
 def source_path() -> Path | None:
     """The C source: inside the package (installed) or in the repository (source checkout)."""
-    here = Path(__file__).resolve().parent.parent  # tritonmerge/
-    for candidate in (here / "csrc_cpu" / "merge_cpu.c",):
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "merge_cpu.c",):
         if candidate.is_file():
             return candidate
     return None
@@ -203,7 +203,7 @@ def _load() -> None:
     source = source_path()
     if source is None:
         raise RuntimeError(
-            "the C source merge_cpu.c is not installed with the package (expected in tritonmerge/csrc_cpu/)"
+            "the C source merge_cpu.c is not installed with the package (expected in tritonmerge/backends/cpu/)"
         )
     cc = _compiler()
     if cc is None:

@@ -3,7 +3,7 @@
 τᵢ = expertᵢ − base is formed in fp32 registers and never written to memory. Per expert the
 kernel produces Σx, Σx², Σ|x|, max|x|, Σx³, Σx⁴ (count is the element count) and, optionally,
 the histogram of bits 30..16 of |τᵢ| as float32 (ops/select.HIGH_BINS bins: the first pass of
-the radix select in kernels/select.py).
+the radix select in backends/triton/select.py).
 
 Error behaviour: each block of BLOCK elements is reduced in fp32 (a tree sum, relative error
 about log2(BLOCK)·2⁻²⁴ of that block's Σ|term|), and the block results are accumulated in fp64,
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.select import HIGH_BINS
+from ...ops.select import HIGH_BINS
 from . import specializations as S
 from .select import device_context, expert_pointer_table, persistent_grid
 

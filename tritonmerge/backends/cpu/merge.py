@@ -1,4 +1,4 @@
-"""The "cpu" backend of the task-arithmetic family: the fused C loops of ops/cpu_kernels.py.
+"""The "cpu" backend of the task-arithmetic family: the fused C loops of backends/cpu/kernels.py.
 
 One tensor costs one read of base + N experts for the merge itself, plus, for exact per-tensor
 top-k (TIES/magnitude, ``topk_scope="tensor"``), usually one more read that finds every expert's
@@ -26,14 +26,14 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .. import self_check
-from ..context import TensorContext
-from ..errors import ParameterError
-from ..params import per_expert
-from . import cpu_kernels as ck
-from .family import divisor_rule
-from .rng import stream_keys
-from .select import keep_count
-from .sparsify import expert_densities
+from ...context import TensorContext
+from ...errors import ParameterError
+from ...params import per_expert
+from . import kernels as ck
+from ...ops.family import divisor_rule
+from ...ops.rng import stream_keys
+from ...ops.select import keep_count
+from ...ops.sparsify import expert_densities
 
 SUPPORTED_SPARSIFY = (None, "magnitude", "random")
 _DIVIDE = {"none": ck.DIV_NONE, "weight": ck.DIV_WEIGHT, "count": ck.DIV_COUNT}
@@ -268,7 +268,7 @@ def task_vector_stats_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -
     float64 additions: |got − ref| ≤ ~1e-12 · Σ|x|ᵖ for the p-th power column (tested at 1e-10
     relative to Σ|x|ᵖ). Tensors the C loop does not take (not CPU, float64 or other dtypes, a
     shape differing from base's, or the library unavailable) go to the reference."""
-    from .stats import task_vector_stats_reference
+    from ...ops.stats import task_vector_stats_reference
 
     experts = list(experts)
     supported = all(_fast(base, experts[g : g + ck.MAX_EXPERTS]) for g in range(0, len(experts), ck.MAX_EXPERTS))

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.select import HIGH_BINS, LOW_BINS
+from ...ops.select import HIGH_BINS, LOW_BINS
 from . import specializations as S
 
 # 1024 elements per program: histogram passes are atomic-bound, not load-bound; small blocks
@@ -298,7 +298,7 @@ def topk_spec_triton(
 ) -> TopkSpec:
     """Exact top-k of |τᵢ| for every expert i with its own kᵢ (k <= 0 keeps nothing, k >= n keeps
     everything). ``base=None`` takes the experts as magnitudes. ``high_hist`` may pass the
-    [N, HIGH_BINS] histogram from kernels/stats.task_stats_triton(histogram=True) to skip a read.
+    [N, HIGH_BINS] histogram from backends/triton/stats.task_stats_triton(histogram=True) to skip a read.
     One host synchronisation; a third read of the inputs only where ties at the k-th value are
     split (some kept, some not)."""
     base, experts = _flat_inputs(base, experts)

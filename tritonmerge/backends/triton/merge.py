@@ -4,7 +4,7 @@ dispatch for the statistics and selection primitives (ops/stats.py, ops/select.p
 Nothing here imports triton at module import; the kernel modules are imported on first use.
 
 Which step runs where, for one tensor of a ``Family(sparsify, consensus)`` method:
-- magnitude/ties/breadcrumbs (per tensor): kernels/select finds each expert's exact top-k
+- magnitude/ties/breadcrumbs (per tensor): backends/triton/select finds each expert's exact top-k
   (2 histogram reads, a 3rd counting read only when ties at the k-th value are split), then
   one fused read of base + N experts writes the output. Model-scope thresholds (decisions)
   skip the selection.
@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..context import TensorContext
-from ..errors import BackendUnavailableError, ParameterError
+from ...context import TensorContext
+from ...errors import BackendUnavailableError, ParameterError
 from .. import self_check
-from ..params import per_expert
-from . import rng
-from .family import divisor_rule
-from .select import keep_count
-from .sparsify import expert_densities
+from ...params import per_expert
+from ...ops import rng
+from ...ops.family import divisor_rule
+from ...ops.select import keep_count
+from ...ops.sparsify import expert_densities
 
 MAX_EXPERTS = 16  # the kernel loop is dynamic; this is the range the tests cover
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,7 +67,7 @@ def linear_triton_supports(params: Any, base: torch.Tensor, experts: Sequence[to
 
 
 def _divide_mode(p: Any, family) -> int:
-    from ..kernels import fused_merge as K
+    from . import fused_merge as K
 
     return {"none": K.DIVIDE_NONE, "weight": K.DIVIDE_WEIGHT, "count": K.DIVIDE_COUNT}[divisor_rule(p, family)]
 
@@ -76,8 +76,8 @@ def gta_triton(base: torch.Tensor, experts: Sequence[torch.Tensor], params: Any,
     """``methods.task_arithmetic.merge_family`` with the Triton kernels: same masks (exact top-k
     with the lowest-index tie rule, the same counter-hash DARE drops), fp32 arithmetic in the
     reference's order; returns base's dtype."""
-    from ..kernels import fused_merge as K
-    from ..kernels.select import KEEP_ALL_TIES, topk_spec_triton
+    from . import fused_merge as K
+    from .select import KEEP_ALL_TIES, topk_spec_triton
 
     p, n, numel = params, len(experts), base.numel()
     experts = list(experts)
@@ -148,7 +148,7 @@ def gta_triton(base: torch.Tensor, experts: Sequence[torch.Tensor], params: Any,
 
 def linear_triton(base: torch.Tensor, experts: Sequence[torch.Tensor], params: Any, ctx: TensorContext) -> torch.Tensor:
     """``methods.task_arithmetic.merge_linear`` with the fused kernel (Σ wᵢ·expertᵢ [/ Σ wᵢ])."""
-    from ..kernels import fused_merge as K
+    from . import fused_merge as K
 
     weights = per_expert(params.weight, len(experts), "weight")
     divide, denominator = K.DIVIDE_NONE, 1.0
@@ -184,7 +184,7 @@ def use_triton(tensor: torch.Tensor | None, backend: str | None = None) -> bool:
     "torch"/"cpu" → no; "triton" → yes, or BackendUnavailableError with the reason; "auto"/"cuda"
     → yes for CUDA tensors of a supported dtype when triton can run (there is no CUDA-extension
     version of these primitives; the Triton kernel is their fast path)."""
-    from .. import backends
+    from ... import backends
 
     want = backends.requested_backend(backend)
     if want in ("torch", "cpu"):
@@ -213,7 +213,7 @@ def use_triton(tensor: torch.Tensor | None, backend: str | None = None) -> bool:
 def _triton_or_reference(what: str, tensor: torch.Tensor, backend: str | None, fast: Callable, reference: Callable):
     """fast(); under auto selection a kernel that raises disables triton on the tensor's device
     and reference() redoes the call (an explicit backend="triton" re-raises)."""
-    from .. import backends
+    from ... import backends
 
     try:
         return fast()
@@ -227,17 +227,17 @@ def _triton_or_reference(what: str, tensor: torch.Tensor, backend: str | None, f
 
 def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
     """ops/stats.task_vector_stats with dispatch: the fused kernel on CUDA, else the reference."""
-    from .stats import task_vector_stats_reference
+    from ...ops.stats import task_vector_stats_reference
 
     if experts and len({e.dtype for e in experts}) == 1 and use_triton(base, backend):
-        from ..kernels.stats import task_stats_triton
+        from .stats import task_stats_triton
 
         return _triton_or_reference(
             "task_stats", base, backend,
             lambda: task_stats_triton(base, experts)[0], lambda: task_vector_stats_reference(base, experts),
         )
     if base.device.type == "cpu" and all(e.device.type == "cpu" for e in experts):
-        from .cpu_merge import task_vector_stats_cpu  # falls back to the reference where the C loops can't run
+        from ..cpu.merge import task_vector_stats_cpu  # falls back to the reference where the C loops can't run
 
         return task_vector_stats_cpu(base, experts)
     return task_vector_stats_reference(base, experts)
@@ -245,10 +245,10 @@ def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], *, ba
 
 def kth_largest(magnitude: torch.Tensor, k: int, *, backend: str | None = None) -> float:
     """ops/select.kth_largest with dispatch."""
-    from .select import kth_largest as reference
+    from ...ops.select import kth_largest as reference
 
     if use_triton(magnitude, backend):
-        from ..kernels.select import kth_largest_triton
+        from .select import kth_largest_triton
 
         return _triton_or_reference(
             "kth_largest", magnitude, backend, lambda: kth_largest_triton(magnitude, k), lambda: reference(magnitude, k)
@@ -258,10 +258,10 @@ def kth_largest(magnitude: torch.Tensor, k: int, *, backend: str | None = None) 
 
 def topk_mask(magnitude: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """ops/select.topk_mask with dispatch (same set: exactly k, ties to the lowest flat index)."""
-    from .select import topk_mask as reference
+    from ...ops.select import topk_mask as reference
 
     if use_triton(magnitude, backend):
-        from ..kernels.select import topk_mask_triton
+        from .select import topk_mask_triton
 
         return _triton_or_reference(
             "topk_mask", magnitude, backend, lambda: topk_mask_triton(magnitude, k), lambda: reference(magnitude, k)
@@ -280,7 +280,7 @@ def model_thresholds(
     """ops/select.model_thresholds with dispatch, decided on ``device`` (where the tensors
     live), else on the first tensor's (one extra load of the first item of ``magnitudes()``).
     ``combine`` as in ops/select."""
-    from .select import model_thresholds as reference
+    from ...ops.select import model_thresholds as reference
 
     if device is not None:
         first = torch.empty(0, device=device)
@@ -290,7 +290,7 @@ def model_thresholds(
             first = per_expert_tensors[0] if per_expert_tensors else None
             break
     if use_triton(first, backend):
-        from ..kernels.select import model_thresholds_triton
+        from .select import model_thresholds_triton
 
         fast = lambda: model_thresholds_triton(magnitudes, keep_counts, combine=combine, device=device)  # noqa: E731
         if first is None:

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers only: no policy, no registry. Imported lazily."""
