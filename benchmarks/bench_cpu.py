@@ -4,7 +4,7 @@ bf16 tensors of Llama shapes (pytest-benchmark).
 Cases: a 4096×4096 projection, a 32000×768 embedding and a 4096×8192 tensor (33.5M elements, the
 size the design notes quote). Variants:
 
-- ``cpu``:   backends/cpu/merge.gta_cpu (radix select + fused merge in C, OpenMP threads);
+- ``cpu``:   backends/cpu/merge.merge_cpu of the family's merge spec (radix select + fused merge in C, OpenMP threads);
 - ``torch``: the reference merge_family (what the torch backend runs), timed once;
 - ``bound``: reading the inputs and writing the output once with torch copies (one pass at the
   machine's copy speed): the floor for any implementation that must read every input;
@@ -33,12 +33,12 @@ import torch
 from benchmarks import machine
 
 from tritonmerge.context import TensorContext
-from tritonmerge.methods.task_arithmetic import Family, merge_family
+from tritonmerge.methods.task_arithmetic import Family, lower, merge_family
 from tritonmerge.backends.cpu import kernels as ck
 from tritonmerge.backends.cpu import merge as cpu_merge
 from tritonmerge.ops.select import keep_count
 from tritonmerge.ops.stats import task_vector_stats_reference
-from tritonmerge.registry import get_method
+from tritonmerge.catalog import get_method
 
 pytest.importorskip("pytest_benchmark")
 pytestmark = pytest.mark.skipif(ck.status() is not None, reason=f"{ck.status()}")
@@ -144,12 +144,12 @@ def test_bound_copy(benchmark, shape):
 def test_fused_cpu(benchmark, shape):
     base, experts = _inputs(shape)
     p, ctx = _params(), TensorContext(name="w")
-    got = cpu_merge.gta_cpu(base, experts, p, ctx, TIES, "ties")
+    got = cpu_merge.merge_cpu(lower(TIES, p, ctx, base, len(experts), "ties"), base, experts)
     ref, torch_seconds = _reference(shape)
     assert torch.equal(got, ref), "fused CPU TIES differs from the torch reference"
 
     benchmark.group = f"ties-{shape[0]}x{shape[1]}"
-    benchmark.pedantic(lambda: cpu_merge.gta_cpu(base, experts, p, ctx, TIES, "ties"), rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(lambda: cpu_merge.merge_cpu(lower(TIES, p, ctx, base, len(experts), "ties"), base, experts), rounds=5, warmup_rounds=1, iterations=1)
     bound = next((r["seconds"] for r in RESULTS if r["variant"] == "bound" and r["elements"] == base.numel()), None)
     row = _record(benchmark, shape, "cpu", gate="torch.equal with the reference")
     row["speedup_vs_torch"] = torch_seconds / row["seconds"]

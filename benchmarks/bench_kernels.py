@@ -44,7 +44,7 @@ pytest.importorskip("triton")
 from tritonmerge.context import TensorContext, TensorDecisions
 from tritonmerge.methods.task_arithmetic import Family, merge_family
 from tritonmerge.ops.select import keep_count
-from tritonmerge.registry import get_method
+from tritonmerge.catalog import get_method
 from tritonmerge.testing import assert_close_budget, make_inputs, triton_interpreter
 
 CPU_MODE = os.environ.get("TRITONMERGE_BENCH_CPU") == "1"
@@ -266,9 +266,10 @@ def _merge(variant: str, base, experts, densities, tadrop: bool) -> torch.Tensor
     ctx = TensorContext(name="model.layers.0.mlp.up_proj.weight", decisions=TensorDecisions(density=densities if tadrop else None))
     family = Family("magnitude", True)
     if variant == "ours":
-        from tritonmerge.backends.triton.merge import gta_triton
+        from tritonmerge.backends.triton.merge import merge_triton
+        from tritonmerge.methods.task_arithmetic import lower
 
-        return gta_triton(base, experts, p, ctx, family, "ties")
+        return merge_triton(lower(family, p, ctx, base, len(experts), "ties"), base, experts)
     if variant == "torch_reference":
         return merge_family(base, experts, p, ctx, family, "ties").to(base.dtype)
     if variant == "mergekit":

@@ -32,7 +32,9 @@ import torch
 from benchmarks import machine
 from benchmarks.sizes import env_int, env_shapes
 
+from tritonmerge import backends
 from tritonmerge.backends import extension_status
+from tritonmerge import backends
 from tritonmerge.ops import wudi_solve as W
 
 pytest.importorskip("pytest_benchmark")
@@ -119,7 +121,7 @@ def _run(variant: str, tv: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
     if variant == "exact":
         return W.wudi_solve_batched(tv.unsqueeze(0), solver="exact", compute_losses=False)[0][0]
     backend = "cuda" if variant == "cuda_ext" else "torch"
-    return W.wudi_solve_batched(tv.unsqueeze(0), steps=steps, lr=LR, backend=backend, compute_losses=False)[0][0]
+    return backends.run_op("wudi_solve", tv.unsqueeze(0), steps=steps, lr=LR, backend=backend, compute_losses=False)[0][0]
 
 
 def _skip_unavailable(variant: str) -> None:
@@ -219,7 +221,7 @@ def test_wudi_whole_model(benchmark, variant):
                 tv = _task_vectors(m, n, layers=b, seed=done)
                 _sync()
                 t0 = time.perf_counter()
-                W.wudi_solve_batched(tv, solver=solver, backend=backend, compute_losses=False, batch_memory_gb=budget / (1 << 30))
+                backends.run_op("wudi_solve", tv, solver=solver, backend=backend, compute_losses=False, batch_memory_gb=budget / (1 << 30))
                 _sync()
                 total += time.perf_counter() - t0
                 done += b
@@ -241,12 +243,12 @@ def test_wudi_tf32_effect(benchmark):
     """TF32 on vs off for one 4096×4096 layer: time and the change in the result and loss."""
     m, n = SHAPES[0]
     tv = _task_vectors(m, n)
-    ref, ref_l = W.wudi_solve_batched(tv.unsqueeze(0), backend="torch")
-    got, got_l = W.wudi_solve_batched(tv.unsqueeze(0), backend="torch", tf32=True)
+    ref, ref_l = W.wudi_solve_batched(tv.unsqueeze(0))
+    got, got_l = W.wudi_solve_batched(tv.unsqueeze(0), tf32=True)
     moved = float((ref[0] - tv.sum(0)).abs().max())
 
     def target():
-        W.wudi_solve_batched(tv.unsqueeze(0), backend="torch", tf32=True, compute_losses=False)
+        W.wudi_solve_batched(tv.unsqueeze(0), tf32=True, compute_losses=False)
         _sync()
 
     benchmark.group = f"wudi-{m}x{n}-T{T}"

@@ -12,7 +12,7 @@ import torch
 import tritonmerge as tm
 from tritonmerge.api import merge_one
 from tritonmerge.context import TensorContext
-from tritonmerge.registry import get_method
+from tritonmerge.catalog import get_method
 
 SHAPES = {"layers.0.attn.weight": (12, 10), "layers.0.attn.bias": (12,), "head.weight": (5, 10)}
 

@@ -1,7 +1,7 @@
 """The fused CPU loops (backends/cpu/kernels.py + backends/cpu/merge_cpu.c) against the torch reference.
 
-The reference (methods/task_arithmetic.merge_family / merge_linear) is the specification, and the
-C loops perform the same float32 operations in the same order, so outputs must be bit-identical
+The reference (ops/merge_spec.merge_by_spec of the family's lowering: methods/task_arithmetic.
+merge_family / merge_linear) is the specification, and the C loops perform the same float32 operations in the same order, so outputs must be bit-identical
 (``torch.equal``), except ``rescale="l1"`` whose float64 norms are summed in another order.
 Inputs come from a coarse grid of values so that many |τ| tie exactly at the top-k threshold:
 the kept count and which ties win (lowest flat index) are where implementations disagree.
@@ -19,14 +19,22 @@ from tritonmerge import backends
 from tritonmerge.api import analyze, merge_one
 from tritonmerge.context import MergeReport, TensorContext, TensorDecisions
 from tritonmerge.errors import BackendUnavailableError
-from tritonmerge.methods.task_arithmetic import merge_family, merge_linear
+from tritonmerge.methods.task_arithmetic import lower, lower_linear, merge_family, merge_linear
 from tritonmerge.backends.cpu import kernels as ck
 from tritonmerge.backends.cpu import merge as cpu_merge
 from tritonmerge.ops.select import keep_count, kth_largest, model_thresholds, topk_mask
-from tritonmerge.registry import get_method, method_table
+from tritonmerge.catalog import get_method, method_table
 from tritonmerge.source import InMemorySource
 
 pytestmark = pytest.mark.skipif(ck.status() is not None, reason=f"{ck.status()}")
+
+
+def gta_cpu(base, experts, p, ctx, family, method):
+    return cpu_merge.merge_cpu(lower(family, p, ctx, base, len(experts), method), base, experts)
+
+
+def linear_cpu(base, experts, p, ctx):
+    return cpu_merge.merge_cpu(lower_linear(p, base, len(experts)), base, experts)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (127, 129), (1000, 37)]
@@ -81,10 +89,10 @@ def reference_and_cpu(method, base, experts, params, ctx):
     p = spec.validate(params)
     if method == "linear":
         ref = merge_linear(base, experts, p, ctx).to(base.dtype)
-        got = cpu_merge.linear_cpu(base, experts, p, ctx)
+        got = linear_cpu(base, experts, p, ctx)
     else:
         ref = merge_family(base, experts, p, ctx, FAMILY[method], method).to(base.dtype)
-        got = cpu_merge.gta_cpu(base, experts, p, ctx, FAMILY[method], method)
+        got = gta_cpu(base, experts, p, ctx, FAMILY[method], method)
     return ref, got
 
 
@@ -229,10 +237,10 @@ def test_dare_masks_match_reference_with_chunk_offsets(offset):
     params = {"density": 0.3, "rescale": "none", "seed": 11}
     ref, got = reference_and_cpu("dare_linear", base, experts, params, ctx)
     assert torch.equal(got, ref)
-    mask0 = cpu_merge.gta_cpu(base, experts[:1], get_method("dare_linear").validate(params), ctx, FAMILY["dare_linear"], "")
+    mask0 = gta_cpu(base, experts[:1], get_method("dare_linear").validate(params), ctx, FAMILY["dare_linear"], "")
     assert 200 < int((mask0 != 0).sum()) < 400
     # a chunk of a bigger tensor equals the same rows of the whole tensor's merge
-    whole = cpu_merge.gta_cpu(
+    whole = gta_cpu(
         torch.zeros(3000), [torch.ones(3000)], get_method("dare_linear").validate(params),
         TensorContext(name="layers.3.mlp.w", element_offset=offset - 1000 if offset >= 1000 else 0),
         FAMILY["dare_linear"], "",
@@ -242,8 +250,10 @@ def test_dare_masks_match_reference_with_chunk_offsets(offset):
 
 
 def test_pruned_expert_is_not_read_and_matches_reference():
-    """LwPTV keep=False: merge_one substitutes the base; the C path treats it as τ ≡ 0."""
+    """LwPTV keep=False: the lowering makes the pruned expert Keep.NONE, a zero task vector that
+    no executor reads (its NaN values never reach the output)."""
     base, experts = grid_tensors((127, 129), 3, torch.bfloat16, seed=8)
+    experts[1] = torch.full_like(experts[1], float("nan"))
     for method in ("ties", "task_arithmetic", "dare_ties"):
         spec = get_method(method)
         p = spec.validate({"normalize": True} if method == "task_arithmetic" else {})
@@ -252,6 +262,7 @@ def test_pruned_expert_is_not_read_and_matches_reference():
             ctx = TensorContext(name="layers.1.w", decisions=TensorDecisions(keep=[True, False, True]))
             outs[backend] = merge_one(spec, p, base, experts, ctx, backend=backend)
         assert torch.equal(outs["cpu"], outs["torch"]), method
+        assert bool(torch.isfinite(outs["cpu"]).all()), method
 
 
 def test_mixed_dtypes_and_rounding():
@@ -266,9 +277,9 @@ def test_mixed_dtypes_and_rounding():
     for dtype in (torch.float16, torch.bfloat16):
         base = torch.zeros(values.shape, dtype=dtype)
         p = get_method("linear").validate({"normalize": False})
-        out = cpu_merge.linear_cpu(base, [values], p, TensorContext())
+        out = linear_cpu(base, [values], p, TensorContext())
         assert torch.equal(out, values.to(dtype))
-        out = cpu_merge.gta_cpu(base, [values], get_method("task_arithmetic").validate({}), TensorContext(), FAMILY["task_arithmetic"], "")
+        out = gta_cpu(base, [values], get_method("task_arithmetic").validate({}), TensorContext(), FAMILY["task_arithmetic"], "")
         assert torch.equal(out, merge_family(base, [values], get_method("task_arithmetic").validate({}), TensorContext(), FAMILY["task_arithmetic"], "").to(dtype))
 
 
@@ -277,10 +288,17 @@ def test_dispatch_picks_cpu_and_falls_back_for_unsupported():
     report = MergeReport()
     tm.merge_tensors("ties", base, experts, name="a", report=report)
     assert report.backends["a"] == "cpu"
+    # γ·n < 1 removes no outliers: a plain top-k, which the C loops run
     tm.merge_tensors("breadcrumbs", base, experts, name="b", report=report)
-    assert report.backends["b"] == "torch"
-    with pytest.raises(BackendUnavailableError, match="breadcrumbs sparsification is not implemented"):
-        tm.merge_tensors("breadcrumbs", base, experts, backend="cpu")
+    assert report.backends["b"] == "cpu"
+    tm.merge_tensors("breadcrumbs", base, experts, name="c", report=report, gamma=0.1)
+    assert report.backends["c"] == "torch"
+    with pytest.raises(BackendUnavailableError, match="removing the largest entries .breadcrumbs. is not implemented"):
+        tm.merge_tensors("breadcrumbs", base, experts, backend="cpu", gamma=0.1)
+    assert torch.equal(
+        tm.merge_tensors("breadcrumbs", base, experts, backend="cpu"),
+        tm.merge_tensors("breadcrumbs", base, experts, backend="torch"),
+    )
     many = [experts[0]] * 17
     with pytest.raises(BackendUnavailableError, match="at most 16 experts"):
         tm.merge_tensors("task_arithmetic", base, many, backend="cpu")
@@ -294,7 +312,7 @@ def test_inputs_not_mutated_and_non_contiguous():
     base_t = base.t()
     copies = [t.clone() for t in (base_t, *experts_t)]
     p = get_method("ties").validate({})
-    got = cpu_merge.gta_cpu(base_t, experts_t, p, TensorContext(name="w"), FAMILY["ties"], "ties")
+    got = gta_cpu(base_t, experts_t, p, TensorContext(name="w"), FAMILY["ties"], "ties")
     ref = merge_family(base_t, experts_t, p, TensorContext(name="w"), FAMILY["ties"], "ties").to(base.dtype)
     assert torch.equal(got, ref)
     for before, after in zip(copies, (base_t, *experts_t)):
@@ -360,7 +378,7 @@ def test_merge_without_segment_tie_counts_reads_them_itself(monkeypatch):
         return result
 
     monkeypatch.setattr(ck, "topk_select", select_then_forget)
-    got = cpu_merge.gta_cpu(base, experts, p, TensorContext(name="w"), FAMILY["ties"], "ties")
+    got = gta_cpu(base, experts, p, TensorContext(name="w"), FAMILY["ties"], "ties")
     assert torch.equal(got, ref)
     assert partial == [0, 1, 2]  # every expert kept only some of its ties: the counting path ran
 
@@ -530,9 +548,9 @@ def test_merge_counts_nonfinite_outputs():
     big = torch.zeros(70_000)
     big[[5, 66_000]] = 1e6  # beyond fp16's range: rounds to inf
     p = get_method("task_arithmetic").validate({})
-    out = cpu_merge.gta_cpu(base, [big], p, TensorContext(name="w"), FAMILY["task_arithmetic"], "")
+    out = gta_cpu(base, [big], p, TensorContext(name="w"), FAMILY["task_arithmetic"], "")
     assert cpu_merge.known_nonfinite(out) == 2 == int((~torch.isfinite(out)).sum())
-    fine = cpu_merge.linear_cpu(base, [big * 0], get_method("linear").validate({}), TensorContext())
+    fine = linear_cpu(base, [big * 0], get_method("linear").validate({}), TensorContext())
     assert cpu_merge.known_nonfinite(fine) == 0
     fine[0] = float("nan")
     assert cpu_merge.known_nonfinite(fine) is None  # modified in place since

@@ -15,8 +15,8 @@ import torch
 import tritonmerge as tm
 from tritonmerge.api import merge_one
 from tritonmerge.context import TensorContext
-from tritonmerge.ops.sparsify import della_keep_prob
-from tritonmerge.registry import get_method
+from tritonmerge.ops.merge_spec import ranked_keep_prob as della_keep_prob
+from tritonmerge.catalog import get_method
 
 N = 200_000
 

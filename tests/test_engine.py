@@ -564,7 +564,7 @@ def test_wudi_layers_of_a_shard_are_solved_in_batches(tmp_path, monkeypatch):
     """The disk engine hands same-shaped WUDI layers of one shard to the batched solver, and the
     result is the in-memory API's (which batches across the whole model) tensor for tensor."""
     from tritonmerge.api import merge_state_dicts
-    from tritonmerge.registry import get_method
+    from tritonmerge.catalog import get_method
 
     base, experts = make_tiny(tmp_path / "m")
     cfg = write_config(tmp_path / "wudi.yml", "wudi", base, experts, parameters={"steps": 10})

@@ -1,4 +1,5 @@
-"""The fused Triton merge (backends/triton/merge.gta_triton) against methods.task_arithmetic.merge_family:
+"""The fused Triton merge (backends/triton/merge.merge_triton, executing the family's merge specs)
+against the torch reference (methods.task_arithmetic.merge_family: the same spec through ops/merge_spec):
 the error-budget rule against the float64 reference, exact equality where the arithmetic is exact
 (tied inputs on a 1/8 grid), DARE masks equal to the reference's, analysis decisions (TADrop
 densities, model-scope thresholds, LwPTV keep flags), row chunks, and backend dispatch.
@@ -17,10 +18,10 @@ import tritonmerge as tm
 from tritonmerge import backends
 from tritonmerge.context import TensorContext, TensorDecisions
 from tritonmerge.errors import BackendUnavailableError
-from tritonmerge.methods.task_arithmetic import Family, merge_family, merge_linear
+from tritonmerge.methods.task_arithmetic import Family, lower, lower_linear, merge_family, merge_linear
 from tritonmerge.backends.triton import merge as F
-from tritonmerge.ops.sparsify import bernoulli_mask
-from tritonmerge.registry import Implementation, get_method
+from tritonmerge.ops import rng
+from tritonmerge.catalog import get_method
 from tritonmerge.testing import assert_close_budget, make_inputs, make_tied_inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -36,6 +37,18 @@ FAMILIES = {
 NAME = "model.layers.3.mlp.down_proj.weight"
 
 
+def gta_triton(base, experts, p, ctx, family, method):
+    return F.merge_triton(lower(family, p, ctx, base, len(experts), method), base, experts)
+
+
+def linear_triton(base, experts, p, ctx):
+    return F.merge_triton(lower_linear(p, base, len(experts)), base, experts)
+
+
+def gta_triton_supports(p, base, experts, ctx, family):
+    return F.merge_triton_reasons(lower(family, p, ctx, base, len(experts), "test"), base, experts)
+
+
 
 
 def _run(method, params, base, experts, decisions=None, offset=0):
@@ -45,7 +58,7 @@ def _run(method, params, base, experts, decisions=None, offset=0):
     def ctx():
         return TensorContext(name=NAME, decisions=decisions or TensorDecisions(), element_offset=offset)
 
-    out = F.gta_triton(base, experts, p, ctx(), family, method)
+    out = gta_triton(base, experts, p, ctx(), family, method)
     ref_lowp = merge_family(base.cpu(), [e.cpu() for e in experts], p, ctx(), family, method).to(base.dtype)
     golden = merge_family(base.cpu().double(), [e.cpu().double() for e in experts], p, ctx(), family, method)
     return out, ref_lowp, golden
@@ -99,16 +112,16 @@ def test_dare_masks_equal_reference_and_are_seeded(device):
     base, experts = make_inputs((37, 53), 1, torch.float32, device=device)
     ctx = TensorContext(name=NAME)
     p = get_method("dare_linear").validate({"density": 0.3, "rescale": "none", "seed": 11})
-    out = F.gta_triton(base, experts, p, ctx, FAMILIES["dare_linear"], "dare_linear")
+    out = gta_triton(base, experts, p, ctx, FAMILIES["dare_linear"], "dare_linear")
     kept = (out != base).cpu()
     tau = (experts[0] - base).cpu()
-    expected = bernoulli_mask(tau, 0.3, 11, ctx, 0) & (tau != 0)
+    expected = (rng.uniform(tau.numel(), 11, NAME, 0).view(tau.shape) < 0.3) & (tau != 0)
     assert torch.equal(kept, expected)
     assert abs(float(kept.float().mean()) - 0.3) < 4 * (0.3 * 0.7 / kept.numel()) ** 0.5
-    again = F.gta_triton(base, experts, p, ctx, FAMILIES["dare_linear"], "dare_linear")
+    again = gta_triton(base, experts, p, ctx, FAMILIES["dare_linear"], "dare_linear")
     assert torch.equal(out, again)
     other = get_method("dare_linear").validate({"density": 0.3, "rescale": "none", "seed": 12})
-    assert not torch.equal(out, F.gta_triton(base, experts, other, ctx, FAMILIES["dare_linear"], "dare_linear"))
+    assert not torch.equal(out, gta_triton(base, experts, other, ctx, FAMILIES["dare_linear"], "dare_linear"))
 
 
 def test_row_chunks_equal_the_whole_tensor(device):
@@ -127,11 +140,8 @@ def test_decisions(device):
         ("ties", {"rescale": "keep_prob"}, TensorDecisions(threshold=[0.05, 0.1, 0.2])),  # model scope
         ("dare_ties", {}, TensorDecisions(keep=[True, False, True])),  # LwPTV
     ]
-    for method, params, decisions in cases:
-        ex = experts
-        if decisions.keep is not None:  # what api.merge_one does before calling the backend
-            ex = [e if k else base for e, k in zip(experts, decisions.keep)]
-        out, ref_lowp, golden = _run(method, params, base, ex, decisions)
+    for method, params, decisions in cases:  # LwPTV's pruned expert: Keep.NONE in the spec, never read
+        out, ref_lowp, golden = _run(method, params, base, experts, decisions)
         assert_close_budget(out, golden, ref_lowp, torch.float16, what=f"{method} {decisions}")
 
 
@@ -140,7 +150,7 @@ def test_linear(device):
     ctx = TensorContext(name=NAME)
     for params in ({"weight": [0.2, 0.3, 0.5]}, {"normalize": False, "weight": [1.0, -1.0, 0.5]}):
         p = get_method("linear").validate(params)
-        out = F.linear_triton(base, experts, p, ctx)
+        out = linear_triton(base, experts, p, ctx)
         ref_lowp = merge_linear(base.cpu(), [e.cpu() for e in experts], p, ctx).to(torch.bfloat16)
         golden = merge_linear(base.cpu().double(), [e.cpu().double() for e in experts], p, ctx)
         assert_close_budget(out, golden, ref_lowp, torch.bfloat16, what=f"linear {params}")
@@ -160,29 +170,26 @@ def test_supports_reasons(device):
     base, experts = make_inputs((4, 4), 2, torch.float32, device=device)
     ctx = TensorContext(name=NAME)
     ties = get_method("ties").validate({})
-    assert F.gta_triton_supports(ties, base, experts, ctx, FAMILIES["ties"]) == []
+    assert gta_triton_supports(ties, base, experts, ctx, FAMILIES["ties"]) == []
     della = get_method("della").validate({})
-    assert "DELLA" in " ".join(F.gta_triton_supports(della, base, experts, ctx, Family("della", True)))
+    assert "DELLA" in " ".join(gta_triton_supports(della, base, experts, ctx, Family("della", True)))
     many = [experts[0]] * 17
-    assert "17 experts" in " ".join(F.gta_triton_supports(ties, base, many, ctx, FAMILIES["ties"]))
+    assert "17 experts" in " ".join(gta_triton_supports(ties, base, many, ctx, FAMILIES["ties"]))
     mixed = [experts[0], experts[1].half()]
-    assert "different dtypes" in " ".join(F.gta_triton_supports(ties, base, mixed, ctx, FAMILIES["ties"]))
+    assert "different dtypes" in " ".join(gta_triton_supports(ties, base, mixed, ctx, FAMILIES["ties"]))
     doubles = [e.double() for e in experts]
-    assert "fp32/bf16/fp16" in " ".join(F.gta_triton_supports(ties, base.double(), doubles, ctx, FAMILIES["ties"]))
+    assert "fp32/bf16/fp16" in " ".join(gta_triton_supports(ties, base.double(), doubles, ctx, FAMILIES["ties"]))
     if device == "cpu":
         os.environ.pop("TRITON_INTERPRET")
         try:
-            assert "CUDA tensors" in " ".join(F.gta_triton_supports(ties, base, experts, ctx, FAMILIES["ties"]))
+            assert "CUDA tensors" in " ".join(gta_triton_supports(ties, base, experts, ctx, FAMILIES["ties"]))
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
 
 
-def test_dispatch_through_the_registry(device, monkeypatch):
-    """With the implementation registered as the lead will register it, an explicit
-    backend="triton" runs the kernel and agrees with the reference; della raises with the reason."""
-    for name, family in [("ties", FAMILIES["ties"]), ("della", Family("della", True))]:
-        fn, supports = F.triton_impl(family, name)
-        monkeypatch.setitem(get_method(name).impls, "triton", Implementation("triton", fn, supports))
+def test_dispatch_through_the_registry(device):
+    """The registered triton implementation: an explicit backend="triton" runs the kernel and
+    agrees with the reference; della raises with the reason."""
     base, experts = make_inputs((37, 53), 3, torch.bfloat16, device=device)
     out = tm.merge_tensors("ties", base, experts, backend="triton", density=0.3)
     expected = tm.merge_tensors("ties", base.cpu(), [e.cpu() for e in experts], backend="torch", density=0.3)
@@ -194,22 +201,24 @@ def test_dispatch_through_the_registry(device, monkeypatch):
         tm.merge_tensors("della", base, experts, backend="triton")
 
 
-def test_primitive_dispatch(device, monkeypatch):
+def test_building_block_dispatch(device, monkeypatch):
     base, experts = make_inputs((37, 53), 2, torch.float32, device=device)
-    assert not F.use_triton(base, "torch")
-    assert F.use_triton(base, "triton")
-    stats = F.task_vector_stats(base, experts, backend="triton")
-    assert torch.allclose(stats, F.task_vector_stats(base, experts, backend="torch"), rtol=1e-5, atol=1e-6)
+    stats = backends.run_op("task_vector_stats", base, experts, backend="triton")
+    assert torch.allclose(stats, backends.run_op("task_vector_stats", base, experts, backend="torch"), rtol=1e-5, atol=1e-6)
     m = (experts[0] - base).abs()
-    assert torch.equal(F.topk_mask(m, 100, backend="triton").cpu(), F.topk_mask(m.cpu(), 100, backend="torch"))
-    assert F.kth_largest(m, 100, backend="triton") == F.kth_largest(m.cpu(), 100)
+    mask = backends.run_op("topk_mask", m, 100, backend="triton")
+    assert torch.equal(mask.cpu(), backends.run_op("topk_mask", m.cpu(), 100, backend="torch"))
+    assert backends.run_op("kth_largest", m, 100, backend="triton") == backends.run_op("kth_largest", m.cpu(), 100)
+    used, _ = backends.dispatch("task_vector_stats", base, experts, backend="triton")
+    assert used == "triton" and backends.usage()["task_vector_stats"]["triton"] >= 2
     if device == "cpu":
-        assert not F.use_triton(base, None), "auto never picks the interpreter"
+        used, _ = backends.dispatch("kth_largest", m, 100)
+        assert used == "torch", "auto never picks the interpreter"
         monkeypatch.delenv("TRITON_INTERPRET")
         backends.triton_status.cache_clear()
         try:
             with pytest.raises(BackendUnavailableError, match="CUDA"):
-                F.use_triton(base, "triton")
+                backends.run_op("kth_largest", m, 100, backend="triton")
         finally:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
             backends.triton_status.cache_clear()
@@ -222,7 +231,7 @@ def test_full_size_gpu(method):
     spec, family = get_method(method), FAMILIES[method]
     p = spec.validate({"density": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]} if method != "task_arithmetic" else {})
     ctx = TensorContext(name=NAME)
-    out = F.gta_triton(base, experts, p, ctx, family, method)
+    out = gta_triton(base, experts, p, ctx, family, method)
     ref_lowp = merge_family(base, experts, p, ctx, family, method).to(base.dtype)
     golden = merge_family(base.double(), [e.double() for e in experts], p, ctx, family, method)
     assert_close_budget(out, golden, ref_lowp, torch.bfloat16, what=method)

@@ -13,7 +13,7 @@ import tritonmerge as tm
 from tritonmerge.context import MergeReport, layer_index
 from tritonmerge.errors import ParameterError
 from tritonmerge.methods import lwptv as L
-from tritonmerge.ops.stats import task_vector_stats
+from tritonmerge.ops.stats import task_vector_stats_reference as task_vector_stats
 
 N_LAYERS = 4
 

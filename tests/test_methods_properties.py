@@ -16,7 +16,7 @@ import torch
 
 import tritonmerge as tm
 from tritonmerge.params import per_expert
-from tritonmerge.registry import get_method, list_methods
+from tritonmerge.catalog import get_method, list_methods
 
 # A name that every name-based rule treats as an ordinary linear weight of layer 0.
 NAME = "model.layers.0.mlp.up_proj.weight"

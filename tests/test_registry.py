@@ -10,7 +10,7 @@ import pytest
 
 import tritonmerge as tm
 from tritonmerge.params import describe_params
-from tritonmerge.registry import method_table
+from tritonmerge.catalog import method_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

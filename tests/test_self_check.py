@@ -28,7 +28,8 @@ from tritonmerge.context import MergeReport
 from tritonmerge.errors import BackendUnavailableError, ParameterError
 from tritonmerge.backends.triton import merge as F
 from tritonmerge.ops import wudi_solve
-from tritonmerge.registry import Implementation, get_method
+from tritonmerge.catalog import get_method
+from tritonmerge.registry import Implementation
 from tritonmerge.testing import make_inputs
 
 TIES_CHECK = "fused_merge (ties, exact top-k with ties)"
@@ -54,15 +55,12 @@ def _raising(base, experts, params, ctx):
 
 
 def _wrong_values(base, experts, params, ctx):
-    out = F.gta_triton(base, experts, params, ctx, _ties_family(), "ties").clone()
+    from tritonmerge.methods.task_arithmetic import lower
+
+    spec = lower(get_method("ties").family, params, ctx, base, len(experts), "ties")
+    out = F.merge_triton(spec, base, experts).clone()
     out.view(-1)[5] += 0.25
     return out
-
-
-def _ties_family():
-    from tritonmerge.methods.task_arithmetic import Family
-
-    return Family("magnitude", True)
 
 
 def _count_calls(monkeypatch, backend: str) -> dict[str, int]:
@@ -111,8 +109,8 @@ def test_a_raising_kernel_disables_triton(device, cache, monkeypatch, caplog):
     for method in ("ties", "linear"):  # the backend is off, not only the kernel that raised
         with pytest.raises(BackendUnavailableError, match="self-check failed.*PTX assembly failed"):
             tm.merge_tensors(method, base, experts, backend="triton")
-    with pytest.raises(BackendUnavailableError, match="self-check failed"):
-        F.use_triton(base, "triton")
+    with pytest.raises(BackendUnavailableError, match="self-check failed"):  # the building blocks too
+        backends.run_op("kth_largest", (experts[0].float() - base.float()).abs(), 1, backend="triton")
 
     _auto_tries_triton(monkeypatch)
     caplog.set_level(logging.WARNING, logger="tritonmerge")
@@ -240,9 +238,12 @@ def test_input_errors_from_a_kernel_are_not_a_fallback(device, cache, monkeypatc
 
 
 def test_wudi_solver_skips_a_disabled_cuda_backend(cache, monkeypatch, caplog):
-    """resolve_backend (WUDI's batched path) consults the same record as backends.choose."""
+    """The WUDI solve dispatch consults the same record as backends.choose."""
+    from tritonmerge.backends import cuda as cuda_backend
+
     fake_extension = type("FakeExtension", (), {"wudi_adam_step": staticmethod(lambda *a: None)})()
     monkeypatch.setattr(backends, "extension_status", lambda: (fake_extension, None))
+    monkeypatch.setattr(cuda_backend, "extension_status", lambda: (fake_extension, None))
     gpu = torch.device("cuda", 0)
 
     def wrong_step(device):
@@ -250,11 +251,13 @@ def test_wudi_solver_skips_a_disabled_cuda_backend(cache, monkeypatch, caplog):
 
     monkeypatch.setitem(self_check.CHECKS, "cuda", {"wudi_adam_step": wrong_step})
     caplog.set_level(logging.WARNING, logger="tritonmerge")
-    assert wudi_solve.resolve_backend("auto", gpu) == "torch"
+    layers = 0.1 * torch.randn(1, 2, 4, 3)  # solved where they are (the CPU): only the choice is under test
+    used, (merged, _) = backends.dispatch("wudi_solve", layers, device=gpu, steps=2)
+    assert used == "torch" and merged.shape == (1, 4, 3)
     (line,) = _warnings(caplog)
-    assert "the cuda backend failed its self-check on cuda:0" in line and "continues on the torch backend" in line
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: self-check failed on cuda:0"):
-        wudi_solve.resolve_backend("cuda", gpu)
+    assert "the cuda backend failed its self-check on cuda:0" in line
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run wudi_solve on cuda:0: self-check failed on cuda:0"):
+        backends.run_op("wudi_solve", layers, device=gpu, backend="cuda", steps=2)
 
 
 def test_info_shows_each_backends_check(device, cache, monkeypatch):

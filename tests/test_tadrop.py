@@ -15,7 +15,7 @@ from tritonmerge.api import analyze
 from tritonmerge.context import MergeReport
 from tritonmerge.errors import ParameterError
 from tritonmerge.methods import tadrop as T
-from tritonmerge.ops.stats import task_vector_stats
+from tritonmerge.ops.stats import task_vector_stats_reference as task_vector_stats
 from tritonmerge.source import InMemorySource
 
 ROWS, COLS = 48, 64  # 3072 elements: above the default min_numel

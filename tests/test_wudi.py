@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tritonmerge
-from tritonmerge import MergeReport, merge_state_dicts, merge_tensors
+from tritonmerge import MergeReport, backends, merge_state_dicts, merge_tensors
 from tritonmerge.context import TensorContext, TensorDecisions
 from tritonmerge.errors import ParameterError
 from tritonmerge.ops import wudi_solve as W
@@ -31,7 +31,7 @@ SHAPES = [(48, 32), (24, 96), (40, 40)]  # m > n, m < n (2m < n: m×m route for 
 def test_reformulated_adam_matches_autograd_official_float32(shape, T):
     tv = task_vectors(T, *shape, seed=T)
     ref, history = W.official_wudi_autograd(tv, steps=STEPS, lr=LR)
-    merged, losses = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR, backend="torch")
+    merged, losses = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR)
     moved = (ref - tv.sum(0)).abs().max().item()
     assert moved > 1e-3  # the iterates really travelled (~steps·lr), so the comparison means something
     # summation order differs, so not bit-identical; observed ≤ 1e-8 against a ~3e-3 displacement
@@ -46,7 +46,7 @@ def test_reformulated_adam_matches_autograd_official_float64(shape):
     # missing factor 2 changes how ε=1e-8 enters) or in Adam's arithmetic shows up far above it
     tv = task_vectors(4, *shape, seed=1, dtype=torch.float64)
     ref, _ = W.official_wudi_autograd(tv, steps=STEPS, lr=LR)
-    merged, _ = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR, dtype=torch.float64, backend="torch")
+    merged, _ = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR, dtype=torch.float64)
     torch.testing.assert_close(merged[0], ref, rtol=0, atol=1e-13)
 
 
@@ -78,7 +78,7 @@ def test_gram_and_factored_products_agree(m, n, T):
 @pytest.mark.parametrize("shape", SHAPES + [(8, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_exact_solver_reaches_a_loss_no_higher_than_adam(shape, T):
     tv = task_vectors(T, *shape, seed=10 + T)
-    _, adam = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR, backend="torch")
+    _, adam = W.wudi_solve_batched(tv.unsqueeze(0), steps=STEPS, lr=LR)
     exact, losses = W.wudi_solve_batched(tv.unsqueeze(0), solver="exact")
     direct = W.wudi_loss_direct(tv, exact[0])
     assert direct <= W.wudi_loss_direct(tv, tv.sum(0))
@@ -254,13 +254,13 @@ def test_extension_matches_torch_loop(shape):
     _extension_or_skip()
     tv = task_vectors(8, *shape, seed=7).cuda()
     layers = torch.stack([tv, tv.flip(0) * 0.5])
-    ref, ref_losses = W.wudi_solve_batched(layers, backend="torch")
-    got, got_losses = W.wudi_solve_batched(layers, backend="cuda")
+    ref, ref_losses = W.wudi_solve_batched(layers)
+    got, got_losses = backends.run_op("wudi_solve", layers, backend="cuda")
     # same GEMMs, same per-element rounding sequence: expected bit-identical; allow a few ulps in
     # case this torch build's elementwise kernels contract differently
     torch.testing.assert_close(got, ref, rtol=0, atol=5e-9)
     assert got_losses.final == pytest.approx(ref_losses.final, rel=1e-6)
-    cpu, _ = W.wudi_solve_batched(layers.cpu(), backend="torch")
+    cpu, _ = W.wudi_solve_batched(layers.cpu())
     torch.testing.assert_close(got.cpu(), cpu, rtol=0, atol=5e-8)
 
 
@@ -270,8 +270,8 @@ def test_cuda_graph_replay_matches_eager(backend):
     if backend == "cuda":
         _extension_or_skip()
     layers = [task_vectors(4, 32, 48, seed=s).cuda() for s in range(5)]
-    eager, _ = W.wudi_solve_batched(layers, backend=backend, batch_memory_gb=1e-4)
-    graphed, _ = W.wudi_solve_batched(layers, backend=backend, batch_memory_gb=1e-4, cuda_graph=True)
+    eager, _ = backends.run_op("wudi_solve", layers, backend=backend, batch_memory_gb=1e-4)
+    graphed, _ = backends.run_op("wudi_solve", layers, backend=backend, batch_memory_gb=1e-4, cuda_graph=True)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
 
 
@@ -308,7 +308,7 @@ def test_the_cuda_backend_declines_the_exact_solver():
     """The exact solver runs in torch: auto selection then reports "torch", and an explicit
     backend="cuda" is told why it cannot be honoured."""
     from tritonmerge.context import TensorContext
-    from tritonmerge.registry import get_method
+    from tritonmerge.catalog import get_method
 
     wudi = get_method("wudi")
     x = torch.zeros(4, 4)

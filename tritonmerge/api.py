@@ -15,7 +15,8 @@ from . import backends
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions
 from .errors import InputError, ParameterError
 from .params import describe_params, param_names
-from .registry import MergeMethod, get_method
+from .catalog import get_method
+from .registry import MergeMethod
 from .source import InMemorySource, TensorSource
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -107,26 +108,32 @@ def merge_one(
 ) -> torch.Tensor:
     """Merge one tensor with validated parameters; returns it in base's dtype and device.
 
-    Non-float tensors (integer buffers) are taken from the base. LwPTV keep flags are applied
-    here, for every method: a pruned (task, layer) contributes the base tensor, i.e. a zero
-    task vector.
+    Non-float tensors (integer buffers) are taken from the base. LwPTV keep flags: a pruned
+    (task, layer) contributes a zero task vector — the family's lowering reads them, every
+    other method gets the base in the pruned expert's place.
     """
     if not base.is_floating_point():
         return base.clone()
     method, method_params = spec.innermost(params)
-    keep = ctx.decisions.keep
-    if keep is not None and not all(keep):
-        experts = [e if k else base for e, k in zip(experts, keep)]
+    if method.family is None:
+        experts = ctx.decisions.kept_experts(base, experts)
     used, out = backends.merge_with_fallback(method, method_params, base, experts, ctx, backend)
-    if ctx.report is not None:
-        ctx.report.backends[ctx.name] = used
+    ctx.record_backend(used)
     return out.to(dtype=base.dtype, device=base.device)
 
 
 def analyze(spec: MergeMethod, params: Any, source: TensorSource) -> ModelDecisions:
+    """The method's whole-model decisions; the summary names the backend each building block
+    of the analysis ran on (``analysis_backends``: op -> backend -> calls)."""
     decisions = ModelDecisions()
     if spec.needs_analysis(params):
+        before = backends.usage()
         spec.run_analysis(params, source, decisions)
+        ran = {
+            op: {b: n - before.get(op, {}).get(b, 0) for b, n in counts.items() if n > before.get(op, {}).get(b, 0)}
+            for op, counts in backends.usage().items()
+        }
+        decisions.summary["analysis_backends"] = {op: counts for op, counts in ran.items() if counts}
     return decisions
 
 

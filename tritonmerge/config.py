@@ -31,7 +31,8 @@ import yaml
 
 from .errors import ConfigError, TritonMergeError, UnknownMethodError
 from .params import MethodParams, param_names
-from .registry import MergeMethod, get_method
+from .catalog import get_method
+from .registry import MergeMethod
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -100,6 +101,27 @@ class MergeConfig:
     _per_model: dict[str, bool] = field(default_factory=dict)
     _literal_lists: set[str] = field(default_factory=set)
     _defaults: dict[str, Any] = field(default_factory=dict)
+
+    # The dtype policy, in one place: what each tensor is written as and what its inputs are
+    # cast to before the method sees them.
+
+    def output_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a tensor stored as ``stored`` is written in: ``out_dtype``, else ``dtype``,
+        else as stored. Integer tensors (buffers) always keep their dtype."""
+        if not stored.is_floating_point:
+            return stored
+        return self.out_dtype or self.dtype or stored
+
+    def input_dtype(self, stored: torch.dtype, output: torch.dtype) -> torch.dtype | None:
+        """What float inputs stored as ``stored`` are cast to before merging (None: as stored).
+        ``dtype: float32`` over inputs already in the output dtype is no cast: every method
+        accumulates in float32 and rounds once to the output dtype, so upcasting first would
+        only cost a pass over the inputs and their memory for the same result."""
+        if self.dtype is None or not stored.is_floating_point or stored == self.dtype:
+            return None
+        if self.dtype == torch.float32 and stored == output:
+            return None
+        return self.dtype
 
     @property
     def mergekit_semantics(self) -> tuple[bool, bool, bool] | None:
@@ -394,7 +416,7 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
     if not isinstance(method_name, str):
         raise ConfigError("merge_method is required (e.g. merge_method: ties)")
     if method_name in MERGEKIT_ONLY_METHODS:
-        from .registry import list_methods
+        from .catalog import list_methods
 
         raise ConfigError(
             f"merge_method {method_name!r} is a mergekit method that tritonmerge does not implement; "

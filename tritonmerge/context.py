@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -33,6 +33,14 @@ class TensorDecisions:
     density: list[float] | None = None
     threshold: list[float] | None = None
     keep: list[bool] | None = None
+
+    def kept_experts(self, base: Any, experts: Sequence[Any]) -> list[Any]:
+        """The experts with LwPTV's pruned ones replaced by the base (a zero task vector): how a
+        method that does not read ``keep`` itself sees them. The task-arithmetic family reads
+        ``keep`` in its lowering instead, so that a pruned expert is never read."""
+        if self.keep is None:
+            return list(experts)
+        return [e if k else base for e, k in zip(experts, self.keep)]
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {})}
@@ -77,6 +85,13 @@ class TensorContext:
         """Attach numbers to this tensor in the caller's report (WUDI's final loss, for example)."""
         if self.report is not None:
             self.report.tensors.setdefault(self.name, {}).update(values)
+
+    def record_backend(self, backend: str) -> None:
+        """Name the backend that merged this tensor in the caller's report (and so in the output
+        folder's tritonmerge_report.json)."""
+        if self.report is not None:
+            self.report.backends[self.name] = backend
+            self.record(backend=backend)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from .engine import MergeOptions, run_merge
 from .errors import ConfigError
-from .registry import list_methods
+from .catalog import list_methods
 from .synthetic import make_llama_checkpoints
 
 WUDI_YAML = """\

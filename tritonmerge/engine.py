@@ -297,7 +297,6 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     # the real path: a link to a folder is followed, so the folder it names is replaced (the link
     # stays valid) and the input checks compare what will actually be written
     out_dir = Path(os.path.realpath(Path(out_dir).expanduser().absolute()))
-    tmp_dir = partial_dir(out_dir)
     try:
         shard_bytes = parse_size(options.out_shard_size)
         budget = parse_size(options.memory_budget)
@@ -305,95 +304,22 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    base = open_checkpoint(cfg.base.path, _label("base model", cfg.base.name))
-    experts = [open_checkpoint(m.path, _label("model", m.name)) for m in cfg.experts]
-    _check_inputs_untouched(out_dir, cfg, [base, *experts])
-    names = list(base.tensors)
-    notes = _check_compatible(base, experts, names)
-    n_experts = len(experts)
-
-    inner, _ = cfg.spec.innermost(validate_resolved(cfg, cfg.resolve("", 0.0), ""))
-    lo, hi = inner.min_experts, inner.max_experts
-    if n_experts < lo or (hi is not None and n_experts > hi):
-        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-        raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {n_experts}")
-
+    base, experts, notes = _open_models(cfg, out_dir)
     n_layers = _n_layers(base)
-    cache: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for name in names:
-        resolved = cfg.resolve(name, tensor_t(name, n_layers))
-        key = json.dumps(resolved, sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = validate_resolved(cfg, resolved, name)
-        params[name] = cache[key]
-
-    needs_analysis = cfg.spec.needs_analysis(next(iter(params.values())))
-    analysis_params = None
-    distinct = {_params_key(p): p for p in params.values()}
-    if len(distinct) == 1:
-        analysis_params = next(iter(distinct.values()))
-    if needs_analysis:
-        if analysis_params is None:
-            raise ConfigError(
-                f"{cfg.merge_method} runs a whole-model analysis, which needs one set of parameters for the whole "
-                f"model; this config varies parameters by tensor (gradients or filters)"
-            )
-
-    out_entries: dict[str, OutputEntry] = {}
-    for name in names:
-        b = base.tensors[name]
-        dt = cfg.out_dtype if (cfg.out_dtype is not None and b.dtype.is_floating_point) else b.dtype
-        if cfg.dtype is not None and b.dtype.is_floating_point and cfg.out_dtype is None:
-            dt = cfg.dtype
-        out_entries[name] = OutputEntry(name, b.shape, dt)
-    shards = plan_shards([out_entries[n] for n in names], shard_bytes)
+    params = _tensor_params(cfg, list(base.tensors), n_layers)
+    needs_analysis, analysis_params = _analysis_scope(cfg, params)
+    out_entries = {
+        name: OutputEntry(name, info.shape, cfg.output_dtype(info.dtype)) for name, info in base.tensors.items()
+    }
+    shards = plan_shards(list(out_entries.values()), shard_bytes)
     order = [e.name for s in shards for e in s.entries]
-
-    # work units: chunk big tensors whose method merges row chunks independently
-    units: list[WorkUnit] = []
-    chunked: dict[str, int] = {}
-    for name in order:
-        b = base.tensors[name]
-        in_set = sum(m.tensors[name].nbytes for m in [base, *experts])
-        out_b = out_entries[name].nbytes
-        spec_inner, inner_params = cfg.spec.innermost(params[name])
-        rows_total = b.shape[0] if b.shape else 0
-        can_chunk = (
-            b.dtype.is_floating_point
-            and len(b.shape) >= 1
-            and rows_total > 1
-            and in_set > budget
-            and bool(spec_inner.chunkable(inner_params))
-        )
-        if not can_chunk:
-            units.append(WorkUnit(name, None, in_set, out_b))
-            continue
-        per_row = max(in_set // rows_total, 1)
-        rows_per = max(1, budget // per_row)
-        r = 0
-        count = 0
-        while r < rows_total:
-            r1 = min(rows_total, r + rows_per)
-            frac = (r1 - r) / rows_total
-            units.append(WorkUnit(name, (r, r1), int(in_set * frac), int(out_b * frac)))
-            r, count = r1, count + 1
-        chunked[name] = count
-
-    largest_in = max((u.in_bytes for u in units), default=0)
-    largest_out = max((u.out_bytes for u in units), default=0)
-    prefetch_budget = int(max(options.prefetch_depth, 1.0) * largest_in) if options.prefetch else largest_in
-    writer_budget = max(16 << 20, largest_out)
-    # the method's working memory: a few float32 copies of one unit (task vectors, masks, output)
-    elems = max((u.in_bytes // max(n_experts + 1, 1)) // max(itemsize(base.tensors[u.name].dtype), 1) for u in units) if units else 0
-    compute = (n_experts + 2) * elems * 4
-    peak = prefetch_budget + compute + writer_budget
-
-    plan = MergePlan(
+    units, chunked = _work_units(cfg, [base, *experts], order, out_entries, params, budget)
+    prefetch_budget, writer_budget, peak = _memory_plan(options, units, base, len(experts))
+    return MergePlan(
         config=cfg,
         options=options,
         out_dir=out_dir,
-        tmp_dir=tmp_dir,
+        tmp_dir=partial_dir(out_dir),
         base=base,
         experts=experts,
         names=order,
@@ -411,7 +337,101 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
         writer_budget=writer_budget,
         notes=notes,
     )
-    return plan
+
+
+def _open_models(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list[CheckpointIndex], list[str]]:
+    """Every input's headers, checked: none of them lies where the output goes, they hold the
+    same tensors, and the method takes this many experts. Returns (base, experts, notes)."""
+    base = open_checkpoint(cfg.base.path, _label("base model", cfg.base.name))
+    experts = [open_checkpoint(m.path, _label("model", m.name)) for m in cfg.experts]
+    _check_inputs_untouched(out_dir, cfg, [base, *experts])
+    notes = _check_compatible(base, experts, list(base.tensors))
+    inner, _ = cfg.spec.innermost(validate_resolved(cfg, cfg.resolve("", 0.0), ""))
+    lo, hi, n = inner.min_experts, inner.max_experts, len(experts)
+    if n < lo or (hi is not None and n > hi):
+        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {n}")
+    return base, experts, notes
+
+
+def _tensor_params(cfg: MergeConfig, names: Sequence[str], n_layers: int) -> dict[str, Any]:
+    """Each tensor's validated parameters (gradients and filters resolved); equal resolutions
+    share one validated object."""
+    cache: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for name in names:
+        resolved = cfg.resolve(name, tensor_t(name, n_layers))
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = validate_resolved(cfg, resolved, name)
+        params[name] = cache[key]
+    return params
+
+
+def _analysis_scope(cfg: MergeConfig, params: Mapping[str, Any]) -> tuple[bool, Any]:
+    """(whether the method runs a whole-model analysis, the one parameter set it runs with)."""
+    needs_analysis = cfg.spec.needs_analysis(next(iter(params.values())))
+    distinct = {_params_key(p): p for p in params.values()}
+    analysis_params = next(iter(distinct.values())) if len(distinct) == 1 else None
+    if needs_analysis and analysis_params is None:
+        raise ConfigError(
+            f"{cfg.merge_method} runs a whole-model analysis, which needs one set of parameters for the whole "
+            f"model; this config varies parameters by tensor (gradients or filters)"
+        )
+    return needs_analysis, analysis_params
+
+
+def _work_units(
+    cfg: MergeConfig,
+    models: Sequence[CheckpointIndex],
+    order: Sequence[str],
+    out_entries: Mapping[str, OutputEntry],
+    params: Mapping[str, Any],
+    budget: int,
+) -> tuple[list[WorkUnit], dict[str, int]]:
+    """The units of work in output order: whole tensors, and row chunks of the tensors larger
+    than the memory budget whose method merges rows independently. Returns (units, chunk count
+    per chunked tensor)."""
+    base = models[0]
+    units: list[WorkUnit] = []
+    chunked: dict[str, int] = {}
+    for name in order:
+        b = base.tensors[name]
+        in_set = sum(m.tensors[name].nbytes for m in models)
+        out_b = out_entries[name].nbytes
+        spec_inner, inner_params = cfg.spec.innermost(params[name])
+        rows_total = b.shape[0] if b.shape else 0
+        can_chunk = (
+            b.dtype.is_floating_point
+            and len(b.shape) >= 1
+            and rows_total > 1
+            and in_set > budget
+            and bool(spec_inner.chunkable(inner_params))
+        )
+        if not can_chunk:
+            units.append(WorkUnit(name, None, in_set, out_b))
+            continue
+        rows_per = max(1, budget // max(in_set // rows_total, 1))
+        r = count = 0
+        while r < rows_total:
+            r1 = min(rows_total, r + rows_per)
+            frac = (r1 - r) / rows_total
+            units.append(WorkUnit(name, (r, r1), int(in_set * frac), int(out_b * frac)))
+            r, count = r1, count + 1
+        chunked[name] = count
+    return units, chunked
+
+
+def _memory_plan(options: MergeOptions, units: Sequence[WorkUnit], base: CheckpointIndex, n_experts: int) -> tuple[int, int, int]:
+    """(bytes read ahead, bytes queued for the writer, estimated peak)."""
+    largest_in = max((u.in_bytes for u in units), default=0)
+    largest_out = max((u.out_bytes for u in units), default=0)
+    prefetch_budget = int(max(options.prefetch_depth, 1.0) * largest_in) if options.prefetch else largest_in
+    writer_budget = max(16 << 20, largest_out)
+    # the method's working memory: a few float32 copies of one unit (task vectors, masks, output)
+    elems = max((u.in_bytes // max(n_experts + 1, 1)) // max(itemsize(base.tensors[u.name].dtype), 1) for u in units) if units else 0
+    compute = (n_experts + 2) * elems * 4
+    return prefetch_budget, writer_budget, prefetch_budget + compute + writer_budget
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -569,7 +589,8 @@ class StreamingSource:
         local: set[str] | None = None,
     ) -> None:
         self._plan = plan
-        self._checked = checked
+        self._check = _InputCheck(plan, checked, device)
+        self._pending: tuple[WorkUnit, list[torch.Tensor], frozenset[int], Any] | None = None
         self._reader = reader
         self._device = device
         self.names = list(plan.names)
@@ -607,23 +628,37 @@ class StreamingSource:
     def dtype(self, name: str) -> torch.dtype:
         return self._plan.base.tensors[name].dtype
 
-    def _read(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return _read_unit(self._plan, self._reader, WorkUnit(name, None, 0, 0), self._checked)
+    def _read(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor], frozenset[int]]:
+        return _read_unit(self._plan, self._reader, WorkUnit(name, None, 0, 0), self._check)
 
     def load(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # the analysis has finished with the tensor loaded before: its input check completes now
+        self.settle()
         if self._ahead is not None and self._ahead[0] == name:
-            base, experts = self._ahead[1].result()
+            base, experts, done = self._ahead[1].result()
         else:
             if self._ahead is not None:
                 self._ahead[1].result()  # never leave a read running unobserved
-            base, experts = self._read(name)
+            base, experts, done = self._read(name)
         self._ahead = None
         nxt = self._next.get(name)
         if nxt is not None:
             self._ahead = (nxt, self._pool.submit(self._read, nxt))
+        self._pending = (WorkUnit(name, None, 0, 0), [base, *experts], done, self._check.begin(done))
         return _to_device(self._plan, base, experts, self._device, self._plan.out_entries[name].dtype)
 
+    def settle(self, failed: bool = False) -> None:
+        """Finish the input check of the tensor loaded last (the analysis computed on it under
+        an audit of the fused loops' reads); ``failed``: the analysis raised, check exactly."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            unit, tensors, done, audit = pending
+            self._check.finish(audit, [(unit, tensors, done)], failed)
+
     def close(self) -> None:
+        if self._pending is not None:
+            self._check.abandon(self._pending[3])
+            self._pending = None
         if self._ahead is not None:
             try:
                 self._ahead[1].result()
@@ -633,24 +668,88 @@ class StreamingSource:
 
 
 def _read_unit(
-    plan: MergePlan, reader: TensorReader, unit: WorkUnit, checked: set[str] | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Read one unit of every model. Runs on the prefetch thread, so the NaN/Inf check of the
-    inputs overlaps the merge of the previous unit; ``checked`` holds the tensors already checked
-    whole (by the analysis pass), which are not checked twice."""
+    plan: MergePlan, reader: TensorReader, unit: WorkUnit, check: "_InputCheck"
+) -> tuple[torch.Tensor, list[torch.Tensor], frozenset[int]]:
+    """Read one unit of every model. Runs on the prefetch thread (the reader faults mapped
+    inputs in there, so the compute thread finds them resident), with the part of the NaN/Inf
+    check that ``check`` does ahead, overlapping the merge of the previous unit. Returns the
+    tensors and the models whose check is done."""
     base = reader.read(plan.base.tensors[unit.name], unit.rows, plan.base.label)
     experts = [reader.read(e.tensors[unit.name], unit.rows, e.label) for e in plan.experts]
-    if not plan.options.allow_nonfinite and (checked is None or unit.name not in checked):
-        for model, t in zip((plan.base, *plan.experts), (base, *experts)):
-            _check_input_finite(model, unit, t)
-        if checked is not None and unit.rows is None:
-            checked.add(unit.name)
-    return base, experts
+    return base, experts, check.ahead_of_use(unit, [base, *experts])
+
+
+class _InputCheck:
+    """The NaN/Inf check of the inputs, refused where they enter: once merged, a top-k or a sign
+    election can hide them, and the output check could no longer say which model holds them.
+
+    It costs no read of its own where the fused CPU loops read an input whole: they count
+    NaN/Inf in the same pass (``backends.cpu.kernels.InputAudit``). After the computation, the
+    inputs they did not cover are checked exactly, and a nonzero count runs the exact per-model
+    check that names model, file and tensor (the count can also come from an overflowed τ). The
+    models the previous unit's computation left uncovered (the base of ``linear``, an expert
+    LwPTV pruned, every model where no fused loop runs: other devices, other methods) are
+    checked on the prefetch thread instead, overlapping the merge. ``checked`` holds the tensors
+    checked whole (by the analysis pass), which are not checked twice."""
+
+    def __init__(self, plan: MergePlan, checked: set[str] | None, device: torch.device) -> None:
+        from . import backends
+
+        self._models = (plan.base, *plan.experts)
+        self._all = self.all = frozenset(range(len(self._models)))
+        self._enabled = not plan.options.allow_nonfinite
+        self._checked = checked
+        self._fused = device.type == "cpu" and backends.cpu_status() is None
+        # models the prefetch thread checks; replaced (never mutated) by the compute thread
+        self._ahead = frozenset() if self._fused else self._all
+
+    def ahead_of_use(self, unit: WorkUnit, tensors: Sequence[torch.Tensor]) -> frozenset[int]:
+        """Prefetch thread: the checks done before the merge; returns the models done."""
+        if not self._enabled or (self._checked is not None and unit.rows is None and unit.name in self._checked):
+            return self._all
+        ahead = self._ahead
+        for i in sorted(ahead):
+            _check_input_finite(self._models[i], unit, tensors[i])
+        return ahead
+
+    def begin(self, done: frozenset[int]) -> Any:
+        """Compute thread, before the computation: an audit of the fused loops' reads, or None."""
+        if not self._fused or done == self._all:
+            return None
+        from .backends.cpu import kernels as ck
+
+        return ck.start_audit()
+
+    def abandon(self, audit: Any) -> None:
+        if audit is not None:
+            from .backends.cpu import kernels as ck
+
+            ck.stop_audit(audit)
+
+    def finish(self, audit: Any, units: Sequence[tuple[WorkUnit, Sequence[torch.Tensor], frozenset[int]]], failed: bool = False) -> None:
+        """Compute thread, after the computation on ``units`` (with what each read and had
+        done): the checks still due. ``failed``: the computation raised, so its count is
+        unknown and every input not done is checked exactly (a NaN/Inf input is then the
+        error reported)."""
+        self.abandon(audit)
+        uncovered: set[int] = set()
+        for unit, tensors, done in units:
+            if done == self._all:
+                continue
+            exact = failed or audit is None or audit.nonfinite > 0
+            for i, t in enumerate(tensors):
+                covered = audit is not None and t.device.type == "cpu" and audit.covers(t)
+                if not covered:
+                    uncovered.add(i)
+                if i not in done and (exact or not covered):
+                    _check_input_finite(self._models[i], unit, t)
+            if self._checked is not None and unit.rows is None:
+                self._checked.add(unit.name)
+        if self._fused and not failed and any(done != self._all for _, _, done in units):
+            self._ahead = frozenset(uncovered)
 
 
 def _check_input_finite(model: CheckpointIndex, unit: WorkUnit, t: torch.Tensor) -> None:
-    """Non-finite values are refused where they enter: once merged, a top-k or a sign election can
-    hide them, and the output check could no longer say which model holds them."""
     if not t.is_floating_point() or all_finite(t):
         return
     info = model.tensors[unit.name]
@@ -665,17 +764,13 @@ def _check_input_finite(model: CheckpointIndex, unit: WorkUnit, t: torch.Tensor)
 def _to_device(
     plan: MergePlan, base: torch.Tensor, experts: list[torch.Tensor], device: torch.device, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    dt = plan.config.dtype
     nb = device.type == "cuda"
-    if dt == torch.float32 and out_dtype is not None and all(t.dtype == out_dtype for t in (base, *experts)):
-        # Every method computes in float32 and returns base's dtype: upcasting bf16/fp16 inputs
-        # first would only cost a pass and memory for the same single rounding at the end.
-        dt = None
+    output = out_dtype if out_dtype is not None else base.dtype
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if t.device != device:
             t = t.to(device, non_blocking=nb)
-        if dt is not None and t.is_floating_point() and t.dtype != dt:
+        if (dt := plan.config.input_dtype(t.dtype, output)) is not None:
             t = t.to(dt)
         return t
 
@@ -852,7 +947,13 @@ def _analysis_pass(
     say(f"analysis pass over {len(plan.names)} tensors{on} ...")
     source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=local)
     try:
-        return analyze(plan.config.spec, plan.analysis_params, source)
+        try:
+            decisions = analyze(plan.config.spec, plan.analysis_params, source)
+        except BaseException:
+            source.settle(failed=True)  # a NaN/Inf input is the error to report
+            raise
+        source.settle()
+        return decisions
     finally:
         source.close()
 
@@ -895,9 +996,10 @@ def _merge_pass(
     )
     spec = plan.config.spec
     batches = _batches(plan, units, device)
+    check = _InputCheck(plan, checked, device)
     prefetch = Prefetcher(
         [u for batch in batches for u in batch],
-        load=lambda u: _read_unit(plan, reader, u, checked),
+        load=lambda u: _read_unit(plan, reader, u, check),
         cost=lambda u: u.in_bytes,
         budget_bytes=plan.prefetch_budget,
         enabled=opts.prefetch,
@@ -911,8 +1013,11 @@ def _merge_pass(
         loaded = iter(prefetch)
         for batch in batches:
             items = []
+            # the inputs as read, with the models whose NaN/Inf check is done, until it all is
+            reads: list[tuple[WorkUnit, list[torch.Tensor], frozenset[int]]] = []
             for _ in batch:
-                unit, (base, experts) = next(loaded)
+                unit, (base, experts, done) = next(loaded)
+                reads.append((unit, [base, *experts] if done != check.all else [], done))
                 base, experts = _to_device(plan, base, experts, device, plan.out_entries[unit.name].dtype)
                 row_numel = 1
                 for s in plan.base.tensors[unit.name].shape[1:]:
@@ -925,14 +1030,21 @@ def _merge_pass(
                 )
                 items.append((unit, base, experts, ctx))
                 del base, experts
-            if len(items) == 1:
-                unit, base, experts, ctx = items[0]
-                outs = [merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)]
-            else:
-                method, method_params = spec.innermost(plan.params[batch[0].name])
-                outs = method.merge_group(method_params, [(b, e, c) for _, b, e, c in items], backend=opts.backend)
+            audit = check.begin(frozenset.intersection(*(done for _, _, done in reads)))
+            try:
+                if len(items) == 1:
+                    unit, base, experts, ctx = items[0]
+                    outs = [merge_one(spec, plan.params[unit.name], base, experts, ctx, backend=opts.backend)]
+                else:
+                    method, method_params = spec.innermost(plan.params[batch[0].name])
+                    outs = method.merge_group(method_params, [(b, e, c) for _, b, e, c in items], backend=opts.backend)
+            except BaseException:
+                check.finish(audit, reads, failed=True)  # a NaN/Inf input is the error to report
+                raise
             units_done = [item[0] for item in items]
             del items
+            check.finish(audit, reads)
+            del reads
             for unit, out in zip(units_done, outs):
                 finished[position[id(unit)]] = (unit, _checked_result(plan, unit, out, report, result))
             del outs

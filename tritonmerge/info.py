@@ -23,7 +23,7 @@ def collect() -> dict[str, Any]:
 
     from . import __version__, backends
     from .backends import self_check
-    from .registry import get_method, list_methods
+    from .catalog import get_method, list_methods
 
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -54,6 +54,7 @@ def collect() -> dict[str, Any]:
         "self_check": _self_check_lines(backends.triton_status(), ext_why, cpu_why),
         "self_check_cache": str(self_check.cache_path()),
         "methods": methods,
+        "ops": backends.op_backends(),
     }
 
 
@@ -110,6 +111,11 @@ def info_text() -> str:
         lines.append(f"  {name:18s} {', '.join(usable)}")
         for b, why in missing.items():
             lines.append(f"  {'':18s}   {b}: {why}")
+    lines += ["", "building blocks of the analyses (backends that could run here, best first):"]
+    for op, per_backend in d["ops"].items():
+        usable = [b for b, why in per_backend.items() if why is None]
+        lines.append(f"  {op:18s} {', '.join(usable)}")
+    lines.append("(a merge names the backend that ran each tensor in tritonmerge_report.json, and each analysis op in tritonmerge_decisions.json)")
     return "\n".join(lines)
 
 

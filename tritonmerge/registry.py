@@ -125,8 +125,8 @@ class Composite:
         return {**inner, **self.own.model_dump(by_alias=True)}
 
 
+# Filled by the method modules as they are imported (tritonmerge.catalog imports them all).
 _REGISTRY: dict[str, MergeMethod] = {}
-_LOADED = False
 
 
 def register(method: MergeMethod) -> MergeMethod:
@@ -136,15 +136,7 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
-def _ensure_loaded() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from . import methods  # noqa: F401  (imports every method module)
-
-
 def get_method(name: str) -> MergeMethod:
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -157,10 +149,8 @@ def get_method(name: str) -> MergeMethod:
 
 def list_methods() -> list[str]:
     """Names of every registered merge method, sorted."""
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def method_table() -> dict[str, MergeMethod]:
-    _ensure_loaded()
     return dict(sorted(_REGISTRY.items()))

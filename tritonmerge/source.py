@@ -22,6 +22,12 @@ class TensorSource(Protocol):
     names: list[str]
     n_experts: int
 
+    @property
+    def device(self) -> torch.device:
+        """Where ``load`` returns tensors: the analyses choose their backend by it, so that no
+        tensor is loaded only to learn where it lives."""
+        ...
+
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def dtype(self, name: str) -> torch.dtype: ...

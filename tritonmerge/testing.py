@@ -115,7 +115,7 @@ def triton_interpreter() -> Iterator[None]:
     functions the interpreter cannot call) they are swapped for interpreted ones until the block
     ends. ``backends.triton_status`` is cached, so its cache is cleared on entry and exit: the
     setting does not leak into other tests' backend choice."""
-    from . import backends
+    from .backends import status as backends
 
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -26,7 +26,10 @@ from pathlib import Path
 def _run_tritonmerge(config: str, out: str, device: str, nproc: int = 1) -> dict:
     from tritonmerge import __version__
     from tritonmerge.cli import main
+    import tritonmerge.engine  # noqa: F401  (the CLI imports it lazily; torch comes with it)
 
+    # torch is imported before the clock starts, as for the floor (safetensors.torch) and
+    # mergekit: "merge s" compares the work, not whose import of torch falls inside it
     imported = time.perf_counter()
     argv = ["merge", config, out, "--quiet"]
     if device != "cpu":

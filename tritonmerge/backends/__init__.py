@@ -1,90 +1,255 @@
-"""Which implementation runs a merge: ``cuda`` -> ``triton`` -> ``cpu`` -> ``torch``, per call, with reasons.
+"""Which implementation runs a call: ``cuda`` -> ``triton`` -> ``cpu`` -> ``torch``, with reasons.
 
-The torch reference is always available and is the specification. Fast implementations
-register themselves on a method (``MergeMethod.register_impl``) with a ``supports`` function
-that returns the reasons it cannot take a call. Selection: the ``backend=`` argument, else
-``TRITONMERGE_BACKEND`` (auto | cuda | triton | cpu | torch), else auto. ``cpu`` is the fused C
-loops compiled on first use (backends/cpu/kernels.py); ``cuda`` the compiled extension. An explicit request that
-cannot be met raises ``BackendUnavailableError`` with every reason; auto walks the priority
-list and logs its choice once. Nothing here imports triton or CUDA code at import time.
+One dispatcher for whole methods and for the building blocks the analyses use. The torch
+reference is always available and is the specification.
 
-Before a fast backend (cuda, triton, cpu) is first used on a device it passes a self-check
-(self_check.py); one that fails, or whose kernel raises during a merge (``merge_with_fallback``),
-is skipped by auto selection with one warning and refused to explicit requests.
+- Methods: fast implementations register on a method (``MergeMethod.register_impl``) with a
+  ``supports`` function returning the reasons they cannot take a call; ``choose`` and
+  ``merge_with_fallback`` pick one per tensor.
+- Building blocks (``OPS``: task-vector statistics, top-k selection, model-wide thresholds,
+  the finite check, the WUDI solve): each (op, backend) pair is an entry of the table below
+  with its own ``supports``; ``run_op`` picks and runs one.
+
+Selection: the ``backend=`` argument, else ``TRITONMERGE_BACKEND`` (auto | cuda | triton | cpu
+| torch), else auto. ``cpu`` is the fused C loops compiled on first use (backends/cpu/);
+``triton`` the kernels of backends/triton/; ``cuda`` the compiled extension. An explicit
+request that cannot be met raises ``BackendUnavailableError`` with every reason; auto walks the
+priority list for the data's device. Before a fast backend is first used on a device it passes
+a self-check (self_check.py); one that fails, or whose kernel raises during a call, is skipped
+by auto selection with one warning and refused to explicit requests. ``usage()`` says which
+backend ran each op (the merge report records it). Nothing here imports triton or CUDA code at
+import time.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-from typing import Any, Sequence
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import self_check
+from .status import BACKENDS, PRIORITY, extension_status, kernel_fault, requested_backend, triton_status
+from .status import cpu_status as _cpu_compiled
 from ..context import TensorContext
-from ..errors import BackendUnavailableError, ParameterError, TritonMergeError
+from ..errors import BackendUnavailableError
 from ..registry import Implementation, MergeMethod
 
+__all__ = [
+    "BACKENDS", "PRIORITY", "OPS", "choose", "cpu_status", "extension_status", "kernel_fault",
+    "dispatch", "merge_with_fallback", "method_backends", "op_backends", "requested_backend", "run_op",
+    "triton_status", "usage",
+]
+
 log = logging.getLogger("tritonmerge")
-
-BACKENDS = ("cuda", "triton", "cpu", "torch")
-PRIORITY = ("cuda", "triton", "cpu", "torch")
 _logged: set[tuple[str, str, str]] = set()
-
-
-def requested_backend(explicit: str | None = None) -> str:
-    value = explicit if explicit is not None else os.environ.get("TRITONMERGE_BACKEND", "auto")
-    value = value.strip().lower() or "auto"
-    if value not in ("auto", *BACKENDS):
-        source = "backend=" if explicit is not None else "TRITONMERGE_BACKEND="
-        raise ParameterError(f"{source}{value!r} is not a backend; choose auto, {', '.join(BACKENDS)}")
-    return value
-
-
-@functools.lru_cache(maxsize=None)
-def triton_status() -> str | None:
-    """None when Triton can run kernels here, else the reason it cannot."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton is not importable: {exc}"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def extension_status() -> tuple[Any, str | None]:
-    """(module, None) when the compiled extension ``tritonmerge._C`` loads, else (None, reason)."""
-    if os.environ.get("TRITONMERGE_DISABLE_EXT") == "1":
-        return None, "disabled by TRITONMERGE_DISABLE_EXT=1"
-    try:
-        from .. import _C  # type: ignore[attr-defined]
-    except Exception as exc:
-        return None, (
-            f"the CUDA extension tritonmerge._C is not built ({exc}); it is built by setup.py "
-            "when nvcc and a CUDA build of torch are present"
-        )
-    return _C, None
 
 
 def cpu_status(checked: bool = True) -> str | None:
     """None when the fused C loops are compiled and loadable (and, if ``checked``, passed their
     self-check), else why not."""
-    if os.environ.get("TRITONMERGE_DISABLE_CPU_KERNELS") == "1":
-        return "disabled by TRITONMERGE_DISABLE_CPU_KERNELS=1"
-    try:
-        from .cpu import kernels as cpu_kernels
-    except Exception as exc:  # pragma: no cover - only when the module is broken
-        return f"the fused CPU kernels cannot be imported: {exc}"
-    why = cpu_kernels.status()
+    why = _cpu_compiled()
     if why is None and checked:
         why = self_check.failure("cpu", torch.device("cpu"))
     return why
+
+
+def _backend_status(backend: str) -> str | None:
+    """Why ``backend`` cannot run anything on this machine (None: it can)."""
+    if backend == "triton":
+        return triton_status()
+    if backend == "cuda":
+        return extension_status()[1]
+    if backend == "cpu":
+        return cpu_status(checked=False)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    """One backend's implementation of a building block. ``load`` imports it on first use (so
+    that nothing here imports a kernel module early); ``supports(device, *args, **kwargs)``
+    returns the reasons it cannot take a call."""
+
+    load: Callable[[], Callable[..., Any]]
+    supports: Callable[..., list[str]]
+
+
+def _always(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
+    return []
+
+
+def _needs(device_type: str) -> Callable[..., list[str]]:
+    def supports(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
+        import os
+
+        if device.type == device_type or (device_type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return []
+        return [f"the data is on {device}; this implementation takes {device_type} tensors"]
+
+    return supports
+
+
+def _cpu_op(name: str) -> OpImpl:
+    def load():
+        from .cpu import merge
+
+        return getattr(merge, name)
+
+    return OpImpl(load, _needs("cpu"))
+
+
+def _triton_op(name: str) -> OpImpl:
+    def load():
+        from .triton import merge
+
+        return getattr(merge, name)
+
+    def supports(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
+        from .triton import merge
+
+        return _needs("cuda")(device) + merge.op_reasons(name, *args, **kwargs)
+
+    return OpImpl(load, supports)
+
+
+def _reference(module: str, name: str) -> OpImpl:
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(f"tritonmerge.ops.{module}"), name)
+
+    return OpImpl(load, _always)
+
+
+def _wudi_cuda() -> OpImpl:
+    def load():
+        from .cuda import wudi_solve_cuda
+
+        return wudi_solve_cuda
+
+    def supports(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
+        from .cuda import wudi_solve_reasons
+
+        return wudi_solve_reasons(device, *args, **kwargs)
+
+    return OpImpl(load, supports)
+
+
+# op -> backend -> implementation. The torch entries are the references in ops/.
+OPS: dict[str, dict[str, OpImpl]] = {
+    "task_vector_stats": {
+        "triton": _triton_op("task_vector_stats_triton"),
+        "cpu": _cpu_op("task_vector_stats_cpu"),
+        "torch": _reference("stats", "task_vector_stats_reference"),
+    },
+    "kth_largest": {"triton": _triton_op("kth_largest_triton"), "torch": _reference("select", "kth_largest")},
+    "topk_mask": {"triton": _triton_op("topk_mask_triton"), "torch": _reference("select", "topk_mask")},
+    "model_thresholds": {
+        "triton": _triton_op("model_thresholds_triton"),
+        "cpu": _cpu_op("model_thresholds_cpu"),
+        "torch": _reference("select", "model_thresholds_from_pairs"),
+    },
+    "all_finite": {"cpu": _cpu_op("all_finite_cpu"), "torch": _reference("stats", "all_finite")},
+    "wudi_solve": {"cuda": _wudi_cuda(), "torch": _reference("wudi_solve", "wudi_solve_batched")},
+}
+
+_usage: Counter[tuple[str, str]] = Counter()
+_usage_lock = threading.Lock()
+
+
+def usage() -> dict[str, dict[str, int]]:
+    """op -> backend -> how many calls it ran, in this process."""
+    out: dict[str, dict[str, int]] = {}
+    with _usage_lock:
+        for (op, backend), n in sorted(_usage.items()):
+            out.setdefault(op, {})[backend] = n
+    return out
+
+
+def _op_reasons(op: str, backend: str, device: torch.device, args: tuple, kwargs: dict) -> list[str]:
+    impl = OPS[op].get(backend)
+    if impl is None:
+        return [f"{op} has no {backend} implementation"]
+    if why := _backend_status(backend):
+        return [why]
+    reasons = list(impl.supports(device, *args, **kwargs))
+    if not reasons and backend != "torch" and (why := self_check.failure(backend, _self_check_device(backend, device))):
+        reasons.append(why)
+    return reasons
+
+
+def _self_check_device(backend: str, device: torch.device) -> torch.device:
+    return torch.device("cpu") if backend == "cpu" else device
+
+
+def _op_candidates(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return PRIORITY
+    # the Triton interpreter runs CPU tensors only when asked for explicitly
+    return tuple(b for b in PRIORITY if b not in ("cuda", "triton"))
+
+
+def run_op(op: str, *args: Any, device: torch.device | str | None = None, backend: str | None = None, **kwargs: Any) -> Any:
+    """``dispatch``'s result alone."""
+    return dispatch(op, *args, device=device, backend=backend, **kwargs)[1]
+
+
+def dispatch(
+    op: str, *args: Any, device: torch.device | str | None = None, backend: str | None = None, **kwargs: Any
+) -> tuple[str, Any]:
+    """(backend that ran, result): building block ``op`` on the best backend for data on
+    ``device`` (default: the device of the first tensor argument). Under auto selection a fast implementation that raises is
+    disabled for the process and the call redone on the next backend, except for a call that
+    takes part in a collective (``combine`` given): the other processes would wait for it."""
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    if device is None:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    device = torch.device(device)
+    want = requested_backend(backend)
+    if want != "auto":
+        why = _op_reasons(op, want, device, args, kwargs)
+        if why:
+            raise BackendUnavailableError(f"backend {want!r} cannot run {op} on {device}: " + "; ".join(why))
+        candidates: tuple[str, ...] = (want,)
+    else:
+        candidates = _op_candidates(device)
+    for candidate in candidates:
+        if want == "auto" and _op_reasons(op, candidate, device, args, kwargs):
+            if self_check.disabled(candidate, _self_check_device(candidate, device)):
+                self_check.announce(candidate, _self_check_device(candidate, device), "the next backend")
+            continue
+        fn = OPS[op][candidate].load()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            if want != "auto" or candidate == "torch" or not kernel_fault(exc) or kwargs.get("combine") is not None:
+                raise
+            log.debug("%s backend raised in %s", candidate, op, exc_info=True)
+            self_check.disable(candidate, _self_check_device(candidate, device), f"{op}: {type(exc).__name__}: {exc}")
+            self_check.announce(candidate, _self_check_device(candidate, device), "the next backend")
+            continue
+        with _usage_lock:
+            _usage[(op, candidate)] += 1
+        return candidate, result
+    raise AssertionError(f"{op}: the torch reference always takes a call")
+
+
+def op_backends() -> dict[str, dict[str, str | None]]:
+    """For ``tritonmerge info``: op -> backend -> None if it could run here, else why not."""
+    return {op: {b: _backend_status(b) for b in impls} for op, impls in OPS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
 
 
 def _checked_device(backend: str, base: torch.Tensor) -> torch.device:
@@ -104,11 +269,7 @@ def reasons_against(
     impl = method.implementation(backend)
     if impl is None:
         return [f"{method.name} has no {backend} implementation"]
-    if backend == "triton" and (why := triton_status()):
-        return [why]
-    if backend == "cuda" and (why := extension_status()[1]):
-        return [why]
-    if backend == "cpu" and (why := cpu_status(checked=False)):
+    if why := _backend_status(backend):
         return [why]
     reasons = list(impl.supports(params, base, experts, ctx))
     if not reasons and (why := self_check.failure(backend, _checked_device(backend, base))):
@@ -160,13 +321,6 @@ def choose(
     raise AssertionError("the torch backend always supports a call")
 
 
-def kernel_fault(exc: BaseException) -> bool:
-    """Whether an exception from a fast implementation says the kernel is broken here (so the
-    next backend should redo the call), rather than the input or the machine's memory."""
-    out_of_memory = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError)
-    return isinstance(exc, Exception) and not isinstance(exc, (TritonMergeError, *out_of_memory))
-
-
 def merge_with_fallback(
     method: MergeMethod,
     params: Any,
@@ -199,7 +353,6 @@ def method_backends(method: MergeMethod) -> dict[str, str | None]:
     """For ``tritonmerge info``: each backend -> None if it could run here, else why not (the
     self-check is reported separately: info never runs it)."""
     out: dict[str, str | None] = {"torch": None}
-    status = {"triton": triton_status, "cuda": lambda: extension_status()[1], "cpu": lambda: cpu_status(checked=False)}
     for b in ("cuda", "triton", "cpu"):
-        out[b] = "no implementation" if b not in method.impls else status[b]()
+        out[b] = "no implementation" if b not in method.impls else _backend_status(b)
     return out

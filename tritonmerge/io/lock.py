@@ -46,7 +46,7 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = _read_pid(fd)
+                holder = _wait_for_pid(fd)
                 os.close(fd)
                 who = f"pid {holder}" if holder else "another process"
                 raise OutputLockedError(
@@ -108,3 +108,16 @@ def _read_pid(fd: int) -> int | None:
         return int(text) if text.isdigit() else None
     except OSError:
         return None
+
+
+def _wait_for_pid(fd: int, seconds: float = 1.0) -> int | None:
+    """The holder's pid. A holder writes it right after taking the lock, so a refusal that comes
+    in between reads an empty file: look again for a moment before answering "unknown"."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        pid = _read_pid(fd)
+        if pid or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.01)

@@ -1,10 +1,21 @@
 """Lazy per-tensor reads and a background prefetcher.
 
-A safetensors tensor is read with ``os.preadv`` straight into a fresh torch buffer: one system
-call, no mmap page faults, no intermediate copy (the bytes are already little-endian, which is
-what torch uses on every platform we run on). A row range of a tensor is a contiguous byte range,
-so row-chunk reads cost no more than the rows they return. ``.bin`` files are memory-mapped once
-through ``torch.load(weights_only=True, mmap=True)`` and the requested rows are copied out.
+On the CPU a safetensors tensor is a zero-copy view of the file: each read maps the tensor's
+byte range privately (``mmap``, copy-on-write, so nothing can reach the file) and wraps it with
+``torch.frombuffer``. The merge's fused loops then read the page cache directly, with no
+intermediate buffer, no copy and no fresh anonymous pages to fault in and free again. The
+mapping lives exactly as long as the tensor (the tensor holds it), so the resident set stays at
+the units in flight, as with copied reads. The read faults the range in with
+``MADV_POPULATE_READ``, reading it from disk if it is not cached; the engine reads on its
+prefetch thread, so neither page faults nor disk reads land on the compute thread. A file
+truncated after planning is reported there (the kernel refuses to populate past the end)
+instead of faulting later.
+
+For CUDA (``pin_memory``), and for a tensor whose data is not aligned to its element size, the
+bytes are read with ``os.preadv`` into a fresh (pinned) buffer instead: one system call, then
+one host-to-device copy. A row range of a tensor is a contiguous byte range, so row-chunk reads
+cost no more than the rows they return. ``.bin`` files are memory-mapped once through
+``torch.load(weights_only=True, mmap=True)`` and the requested rows are copied out.
 
 ``Prefetcher`` runs the reads of the next work items on a thread while the caller computes on
 the current one, holding at most ``budget_bytes`` of data read ahead.
@@ -12,6 +23,8 @@ the current one, holding at most ``budget_bytes`` of data read ahead.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import queue
 import threading
@@ -24,15 +37,24 @@ from ..errors import CheckpointError
 from .index import TensorInfo, load_bin
 
 
-class TensorReader:
-    """Reads tensors described by ``TensorInfo``; keeps one descriptor per file open. Thread-safe
-    (``os.preadv`` carries its own offset)."""
+_PAGE = mmap.ALLOCATIONGRANULARITY
+# Linux >= 5.14; older kernels answer EINVAL and get MADV_WILLNEED (read-ahead only)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
-    def __init__(self, pin_memory: bool = False) -> None:
+
+class TensorReader:
+    """Reads tensors described by ``TensorInfo``; keeps one descriptor per file open (and its
+    size, for the bounds check of mapped reads). Thread-safe (``os.preadv`` carries its own
+    offset; each mapping is private to its tensor). ``mapped=False`` copies every read."""
+
+    def __init__(self, pin_memory: bool = False, mapped: bool | None = None) -> None:
         self._fds: dict[Path, int] = {}
+        self._sizes: dict[Path, int] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._pin = pin_memory
+        self._mapped = (not pin_memory) if mapped is None else mapped
+        self._populate_ok = True
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -42,6 +64,7 @@ class TensorReader:
                 if fd is None:
                     try:
                         fd = os.open(path, os.O_RDONLY)
+                        self._sizes[path] = os.fstat(fd).st_size
                     except OSError as exc:
                         raise CheckpointError(f"cannot open {path}: {exc}") from None
                     self._fds[path] = fd
@@ -63,6 +86,8 @@ class TensorReader:
         offset = info.start
         if rows is not None and info.shape:
             offset += rows[0] * (info.nbytes // max(info.shape[0], 1))
+        if self._mapped and nbytes and offset % itemsize == 0:
+            return self._map(info, offset, nbytes, label).view(info.dtype).view(shape)
         buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
         if nbytes:
             view = memoryview(buf.numpy())
@@ -80,6 +105,41 @@ class TensorReader:
                 done += got
         return buf.view(info.dtype).view(shape)
 
+    def _truncated(self, info: TensorInfo, label: str) -> CheckpointError:
+        return CheckpointError(f"{label}: {info.file} ended while reading tensor {info.name!r} (truncated after planning?)")
+
+    def _map(self, info: TensorInfo, offset: int, nbytes: int, label: str) -> torch.Tensor:
+        """``nbytes`` at ``offset`` of the file as a uint8 tensor over a private mapping of just
+        that range (page-aligned around it), faulted in on the calling thread; the tensor keeps
+        the mapping alive."""
+        fd = self._fd(info.file)
+        if offset + nbytes > self._sizes[info.file]:
+            raise self._truncated(info, label)
+        start = offset - offset % _PAGE
+        try:
+            m = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{label}: reading tensor {info.name!r} from {info.file} failed: {exc}") from None
+        self._populate(m, info, label)
+        return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+    def _populate(self, m: mmap.mmap, info: TensorInfo, label: str) -> None:
+        """Fault the mapping in now, reading from disk what is not cached; raises the truncation
+        error if the file no longer covers it (instead of a SIGBUS on first use)."""
+        if self._populate_ok:
+            try:
+                m.madvise(_MADV_POPULATE_READ)
+                return
+            except OSError as exc:
+                if exc.errno == errno.EFAULT:  # populating would have raised SIGBUS
+                    raise self._truncated(info, label) from None
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                    raise CheckpointError(f"{label}: reading tensor {info.name!r} from {info.file} failed: {exc}") from None
+                self._populate_ok = False
+        if os.fstat(self._fd(info.file)).st_size < self._sizes[info.file]:
+            raise self._truncated(info, label)
+        m.madvise(mmap.MADV_WILLNEED)
+
     def _read_bin(self, info: TensorInfo, rows: tuple[int, int] | None, label: str) -> torch.Tensor:
         state = self._bins.get(info.file)
         if state is None:
@@ -94,6 +154,8 @@ class TensorReader:
         return t.clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:
+        """Close the descriptors. Mapped tensors stay valid (a mapping outlives its descriptor)
+        and are unmapped when the last of them goes."""
         with self._lock:
             for fd in self._fds.values():
                 try:
@@ -101,6 +163,7 @@ class TensorReader:
                 except OSError:
                     pass
             self._fds.clear()
+            self._sizes.clear()
             self._bins.clear()
 
     def __enter__(self) -> "TensorReader":

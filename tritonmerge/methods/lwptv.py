@@ -24,7 +24,7 @@ place of expert t, i.e. a zero task vector, so a layer pruned for every task com
 base. Tensors without a layer index are never pruned. The alternative reading (one mask per
 layer applied to the *merged* vector) is not implemented.
 
-The analysis is one streaming read of the scored tensors (``ops.stats.task_vector_stats``, plus
+The analysis is one streaming read of the scored tensors (``backends.run_op("task_vector_stats")``, plus
 per-tensor Gram matrices of the task vectors only for ``score="cosine_to_mean"``); the decision
 is the pure functions ``layer_scores`` and ``layer_mask`` on the small per-(task, layer) table.
 """
@@ -39,7 +39,8 @@ from pydantic import Field, field_validator
 
 from ..context import ModelDecisions, TensorContext, layer_index
 from ..errors import ParameterError, UnknownMethodError
-from ..ops.stats import STAT_COLUMNS, task_vector_stats
+from .. import backends
+from ..ops.stats import STAT_COLUMNS
 from ..params import MethodParams, validate_params
 from ..registry import Composite, MergeMethod, get_method, register
 from ..source import TensorSource, gathered, local_names
@@ -219,6 +220,24 @@ def gram_matrix(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Te
     return g.cpu()
 
 
+def _stats_and_gram_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stats and the Gram matrix in one read through the fused CPU loop (the stats bit for
+    bit those of the cpu ``task_vector_stats``; the Gram equal to ``gram_matrix`` up to the
+    order of float64 additions), or None where that loop does not apply. ``gram_matrix`` in
+    torch makes float64 copies of every chunk and dominated the analysis pass."""
+    from ..backends.cpu import kernels as ck
+
+    tensors = (base, *experts)
+    if (
+        not experts
+        or len(experts) > ck.MAX_EXPERTS
+        or any(t.device.type != "cpu" or t.dtype not in ck.DTYPE_CODES or t.shape != base.shape for t in tensors)
+        or backends.cpu_status() is not None
+    ):
+        return None
+    return ck.tau_stats_gram(base, experts)
+
+
 def collect_layer_stats(
     p: LwptvParams, source: TensorSource, decisions: ModelDecisions
 ) -> tuple[list[int], dict[int, list[str]], torch.Tensor, torch.Tensor | None]:
@@ -241,10 +260,13 @@ def collect_layer_stats(
     per_tensor: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name in local_names(source, scored):  # source order: a streaming source reads ahead in it
         base, experts = source.load(name)
-        keep = decisions.tensors[name].keep if name in decisions.tensors else None
-        if keep is not None:
-            experts = [e if k else base for e, k in zip(experts, keep)]
-        per_tensor[name] = (task_vector_stats(base, experts).cpu(), gram_matrix(base, experts) if need_gram else None)
+        if name in decisions.tensors:
+            experts = decisions.tensors[name].kept_experts(base, experts)
+        fused = _stats_and_gram_cpu(base, experts) if need_gram else None
+        if fused is not None:
+            per_tensor[name] = fused
+        else:
+            per_tensor[name] = (backends.run_op("task_vector_stats", base, experts).cpu(), gram_matrix(base, experts) if need_gram else None)
     per_tensor = gathered(source, per_tensor)
     rows: dict[int, list[torch.Tensor]] = {li: [] for li in range(len(layers))}
     for name in scored:
@@ -300,10 +322,9 @@ def analyze_lwptv(p: Composite, source: TensorSource, decisions: ModelDecisions)
 
 def _merge_tensor(base: torch.Tensor, experts: Sequence[torch.Tensor], p: Composite, ctx: TensorContext) -> torch.Tensor:
     """Direct calls (api.merge_one applies the keep flags and goes to the innermost method):
-    substitute the base for pruned experts, then let the wrapped method merge."""
-    keep = ctx.decisions.keep
-    if keep is not None:
-        experts = [e if k else base for e, k in zip(experts, keep)]
+    the wrapped method merges with the keep flags in ``ctx``."""
+    if p.inner.family is None:
+        experts = ctx.decisions.kept_experts(base, experts)
     return p.inner.merge_tensor(base, experts, p.inner_params, ctx)
 
 

@@ -28,7 +28,7 @@ The densities go to the inner method through ``TensorDecisions.density`` (read b
 ``ops.sparsify.expert_densities``): per-tensor top-k for TIES / magnitude / breadcrumbs,
 Bernoulli keep probability for DARE, the centre of DELLA's keep probabilities.
 
-The analysis is one streaming read of every float tensor (``ops.stats.task_vector_stats``, plus a
+The analysis is one streaming read of every float tensor (``backends.run_op("task_vector_stats")``, plus a
 magnitude histogram only for ``statistic="entropy"``); the decision step is the pure function
 ``decide_densities`` on the resulting small table.
 """
@@ -43,7 +43,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError, UnknownMethodError
-from ..ops.stats import STAT_COLUMNS, task_vector_stats
+from .. import backends
+from ..ops.stats import STAT_COLUMNS
 from ..params import MethodParams, per_expert
 from ..registry import Composite, MergeMethod, get_method, method_table, register
 from ..source import TensorSource, gathered, local_names
@@ -388,7 +389,7 @@ def collect_statistics(
             hists = [magnitude_histogram(e.to(torch.float32) - b, p.bins) for e in kept_experts]
             values = negentropy_from_histogram(torch.stack(hists))
         else:
-            values = statistic_from_stats(task_vector_stats(zero, kept_experts), p.statistic)
+            values = statistic_from_stats(backends.run_op("task_vector_stats", zero, kept_experts), p.statistic)
         columns[name] = (kept, values[0].expand(len(kept)) if p.pool == "pooled" else values)
     position = {name: j for j, name in enumerate(names)}
     for name, (kept, values) in gathered(source, columns).items():

@@ -22,21 +22,15 @@ import torch
 from pydantic import Field
 
 from .. import backends
+from ..backends.cpu.merge import EXECUTOR as cpu_executor
+from ..backends.triton.merge import EXECUTOR as triton_executor
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
-from ..ops.consensus import combine
-from ..backends.cpu import merge as cpu_merge
-from ..backends.triton import merge as fused_merge
 from ..ops.family import Family, divisor_rule
-from ..ops.sparsify import (
-    bernoulli_mask,
-    breadcrumbs_mask,
-    della_keep_prob,
-    expert_densities,
-    magnitude_mask,
-    rescale,
-    task_vectors,
-)
+from ..ops.merge_spec import Divide, Elect, ExpertRule, Keep, MergeSpec, merge_by_spec
+from ..ops.rng import stream_keys
+from ..ops.select import keep_count
+from ..ops.sparsify import expert_densities
 from ..params import MethodParams, PerModel, per_expert
 from ..registry import MergeMethod, register
 from ..source import TensorSource, count_combiner, local_names
@@ -112,62 +106,85 @@ class DellaTiesParams(ConsensusMixin, DellaParams):
     pass
 
 
-def sparsify_task_vector(
-    tau: torch.Tensor, density: float, expert: int, family: Family, p: MethodParams, ctx: TensorContext, method: str
-) -> torch.Tensor:
-    """One expert's sparsified task vector for this tensor (the ``sparsify`` step above)."""
-    threshold = ctx.decisions.threshold
-    if family.sparsify == "magnitude" and threshold is not None:
-        return rescale(tau, tau.abs() >= threshold[expert], p.rescale, density)
-    if density >= 1.0:
-        return tau
-    if family.sparsify == "magnitude":
-        return rescale(tau, magnitude_mask(tau, density), p.rescale, density)
-    if family.sparsify == "breadcrumbs":
-        return rescale(tau, breadcrumbs_mask(tau, density, p.gamma), p.rescale, density)
-    if family.sparsify == "random":
-        return rescale(tau, bernoulli_mask(tau, density, p.seed, ctx, expert), p.rescale, density)
-    if family.sparsify == "della":
-        if not (0 < density - p.epsilon and density + p.epsilon < 1):
-            raise ParameterError(
-                f"{method}: density ± epsilon must lie in (0, 1) for tensor {ctx.name!r}, "
-                f"got density={density}, epsilon={p.epsilon}"
+def lower(
+    family: Family, p: MethodParams, ctx: TensorContext, base: torch.Tensor, n_experts: int, method: str
+) -> MergeSpec:
+    """The merge spec of one tensor for a family member: every parameter and analysis decision
+    that shapes this tensor's merge, resolved (the ``sparsify`` step above becomes one keep
+    rule per expert)."""
+    numel = base.numel()
+    weights = per_expert(p.weight, n_experts, "weight")
+    keep_flags = ctx.decisions.keep
+    densities = expert_densities(p.density, ctx, n_experts) if family.sparsify is not None else [1.0] * n_experts
+    thresholds = ctx.decisions.threshold if family.sparsify == "magnitude" else None
+    rules = []
+    for i, (weight, density) in enumerate(zip(weights, densities)):
+        if keep_flags is not None and not keep_flags[i]:
+            rules.append(ExpertRule(weight, Keep.NONE))
+        elif thresholds is not None:
+            rules.append(ExpertRule(weight, Keep.THRESHOLD, threshold=thresholds[i], density=density, rescale=p.rescale))
+        elif family.sparsify is None or density >= 1.0:
+            rules.append(ExpertRule(weight))
+        elif family.sparsify in ("magnitude", "breadcrumbs"):
+            k = keep_count(density, numel)
+            outliers = min(int(p.gamma * numel), numel - k) if family.sparsify == "breadcrumbs" else 0
+            rules.append(ExpertRule(weight, Keep.TOPK, k=k, outliers=outliers, density=density, rescale=p.rescale))
+        else:
+            keys = stream_keys(p.seed, ctx.name, i)
+            if family.sparsify == "random":
+                rules.append(ExpertRule(weight, Keep.RANDOM, density=density, keys=keys, rescale=p.rescale))
+                continue
+            if not (0 < density - p.epsilon and density + p.epsilon < 1):
+                raise ParameterError(
+                    f"{method}: density ± epsilon must lie in (0, 1) for tensor {ctx.name!r}, "
+                    f"got density={density}, epsilon={p.epsilon}"
+                )
+            rules.append(
+                ExpertRule(weight, Keep.RANKED_RANDOM, density=density, epsilon=p.epsilon, keys=keys, rescale=p.rescale)
             )
-        prob = della_keep_prob(tau, density, p.epsilon)
-        return rescale(tau, bernoulli_mask(tau, prob, p.seed, ctx, expert), p.rescale, prob)
-    raise AssertionError(family.sparsify)
+    elect = Elect.NONE
+    if family.consensus:
+        elect = Elect.SUM if p.consensus == "sum" else Elect.COUNT
+    return MergeSpec(
+        experts=tuple(rules),
+        elect=elect,
+        divide=_DIVIDE[divisor_rule(p, family)],
+        lam=p.lambda_,
+        element_offset=ctx.element_offset,
+        out_dtype=base.dtype,
+    )
+
+
+_DIVIDE = {"none": Divide.NONE, "weight": Divide.WEIGHT, "count": Divide.COUNT}
+
+
+def lower_linear(p: LinearParams, base: torch.Tensor, n_experts: int) -> MergeSpec:
+    """``linear``'s merge spec: the experts themselves, weighted, over Σᵢ wᵢ when normalised."""
+    weights = per_expert(p.weight, n_experts, "weight")
+    divide, constant = Divide.NONE, 1.0
+    if p.normalize:
+        constant = sum(weights)
+        if abs(constant) < 1e-8:
+            raise ParameterError(f"linear: the weights sum to {constant}; cannot normalise (set normalize=false)")
+        divide = Divide.CONSTANT
+    return MergeSpec(
+        experts=tuple(ExpertRule(w) for w in weights),
+        divide=divide,
+        divide_constant=constant,
+        task_vectors=False,
+        out_dtype=base.dtype,
+    )
 
 
 def merge_family(
     base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams, ctx: TensorContext, family: Family, method: str
 ) -> torch.Tensor:
-    n = len(experts)
-    taus = task_vectors(base, experts)
-    weights = per_expert(p.weight, n, "weight")
-    if family.sparsify is not None:
-        densities = expert_densities(p.density, ctx, n)
-        taus = [sparsify_task_vector(t, d, i, family, p, ctx, method) for i, (t, d) in enumerate(zip(taus, densities))]
-    weighted = [t * w for t, w in zip(taus, weights)]
-    merged = combine(
-        weighted,
-        weights,
-        election=p.consensus if family.consensus else None,
-        divide_by=divisor_rule(p, family),
-    )
-    return base.to(torch.float32) + p.lambda_ * merged
+    """The torch reference of a family member: its lowering run by ``merge_by_spec``."""
+    return merge_by_spec(lower(family, p, ctx, base, len(experts), method), base, experts)
 
 
 def merge_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: LinearParams, ctx: TensorContext) -> torch.Tensor:
-    weights = per_expert(p.weight, len(experts), "weight")
-    total = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-    for e, w in zip(experts, weights):
-        total += w * e.to(torch.float32)
-    if p.normalize:
-        denominator = sum(weights)
-        if abs(denominator) < 1e-8:
-            raise ParameterError(f"linear: the weights sum to {denominator}; cannot normalise (set normalize=false)")
-        total /= denominator
-    return total
+    return merge_by_spec(lower_linear(p, base, len(experts)), base, experts)
 
 
 def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDecisions) -> None:
@@ -196,28 +213,15 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
     # this process's share of the tensors; the histograms are summed over every process's share
     mine = local_names(source, names)
 
-    def magnitudes():
-        for name in mine:
-            base, experts = source.load(name)
-            keep = keep_flags(name)
-            taus = task_vectors(base, experts)
-            yield [t.abs() if keep is None or keep[i] else torch.zeros_like(t) for i, t in enumerate(taus)]
-
-    def pairs():  # (base, experts) with pruned experts as None: the fused CPU histograms form τ themselves
+    def pairs():  # (base, experts) with pruned experts as None: a zero task vector, never read
         for name in mine:
             base, experts = source.load(name)
             keep = keep_flags(name)
             yield base, [e if keep is None or keep[i] else None for i, e in enumerate(experts)]
 
-    combine = count_combiner(source)
-    device = getattr(source, "device", None)
-    if device is None:  # a source that does not say where it loads to: look at the first tensor
-        device = source.load(mine[0])[0].device if mine else torch.device("cpu")
-    on_cpu = torch.device(device).type == "cpu"
-    if on_cpu and backends.cpu_status() is None and backends.requested_backend() in ("auto", "cpu"):
-        thresholds = cpu_merge.model_thresholds_cpu(pairs, counts, combine)
-    else:
-        thresholds = fused_merge.model_thresholds(magnitudes, counts, combine=combine, device=device)
+    thresholds = backends.run_op(
+        "model_thresholds", pairs, counts, combine=count_combiner(source), device=source.device
+    )
     for name in names:
         decisions.for_tensor(name).threshold = thresholds
     decisions.summary["ties_model_topk"] = {
@@ -228,32 +232,34 @@ def analyze_model_topk(p: TiesParams, source: TensorSource, decisions: ModelDeci
 
 
 def _register(name: str, params: type[MethodParams], family: Family, doc: str, **extra) -> MergeMethod:
-    def merge_tensor(base, experts, p, ctx, _family=family, _name=name):
-        return merge_family(base, experts, p, ctx, _family, _name)
-
     elementwise = family.sparsify in (None, "random")
     spec = register(
         MergeMethod(
             name=name,
             params=params,
             doc=doc,
-            merge_tensor=merge_tensor,
+            merge_tensor=lambda base, experts, p, ctx: merge_family(base, experts, p, ctx, family, name),
             reference="arcee-ai/mergekit merge_methods/generalized_task_arithmetic.py; see docs/algorithms.md §4.1",
             stochastic=family.sparsify in ("random", "della"),
-            chunkable=lambda p, _e=elementwise, _f=family: (
-                (_e and getattr(p, "rescale", "none") != "l1")
-                or (_f.sparsify == "magnitude" and getattr(p, "topk_scope", "tensor") == "model" and p.rescale != "l1")
+            chunkable=lambda p: (
+                (elementwise and getattr(p, "rescale", "none") != "l1")
+                or (family.sparsify == "magnitude" and getattr(p, "topk_scope", "tensor") == "model" and p.rescale != "l1")
             ),
             family=family,
             **extra,
         )
     )
-    if family.sparsify != "della":  # DELLA's per-row ranks need a sort: torch only
-        fn, supports = fused_merge.triton_impl(family, name)
-        spec.register_impl("triton", supports=supports)(fn)
-    # the fused C loops (compiled on first use) take every member on CPU tensors
-    cpu_merge.register_cpu_impl(spec, family)
+    _register_executors(spec, lambda base, experts, p, ctx: lower(family, p, ctx, base, len(experts), name))
     return spec
+
+
+def _register_executors(method: MergeMethod, lowering) -> None:
+    """Every fast executor of merge specs, on a method whose tensors ``lowering`` turns into one."""
+    for backend, (run, supports) in (("triton", triton_executor), ("cpu", cpu_executor)):
+        method.register_impl(
+            backend,
+            supports=lambda p, base, experts, ctx, _s=supports: _s(lowering(base, experts, p, ctx), base, experts),
+        )(lambda base, experts, p, ctx, _r=run: _r(lowering(base, experts, p, ctx), base, experts))
 
 
 linear = register(
@@ -266,8 +272,7 @@ linear = register(
         chunkable=lambda p: True,
     )
 )
-linear.register_impl("triton", supports=fused_merge.linear_triton_supports)(fused_merge.linear_triton)
-linear.register_impl("cpu", supports=cpu_merge.linear_cpu_supports)(cpu_merge.linear_cpu)
+_register_executors(linear, lambda base, experts, p, ctx: lower_linear(p, base, len(experts)))
 _register(
     "task_arithmetic",
     TaskArithmeticParams,

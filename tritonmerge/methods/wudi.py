@@ -43,6 +43,7 @@ from pydantic import Field
 from .. import backends
 from ..context import TensorContext
 from ..errors import BackendUnavailableError
+from ..backends.cuda import wudi_solve_reasons
 from ..ops import wudi_solve
 from ..params import MethodParams
 from ..registry import MergeMethod, register
@@ -99,14 +100,6 @@ def _is_transposed(name: str, params: WudiParams) -> bool:
     return any(s in name for s in params.transpose_conv1d)
 
 
-def _pruned_to_base(base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
-    """LwPTV keep flags: a pruned expert contributes the base (api.merge_one does the same)."""
-    keep = ctx.decisions.keep
-    if keep is None:
-        return list(experts)
-    return [e if k else base for e, k in zip(experts, keep)]
-
-
 def _task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
     b = base.to(torch.float32)
     tv = torch.stack([e.to(torch.float32) - b for e in experts])
@@ -148,7 +141,7 @@ def _merge(base: torch.Tensor, experts: Sequence[torch.Tensor], params: WudiPara
         return _merge_other(base, experts, params)
     transposed = _is_transposed(ctx.name, params)
     tv = _task_vectors(base, experts, transposed)
-    merged, losses = wudi_solve.wudi_solve_batched(tv.unsqueeze(0), backend=backend, **_solve_kwargs(params))
+    merged, losses = backends.run_op("wudi_solve", tv.unsqueeze(0), backend=backend, **_solve_kwargs(params))
     _record(ctx, losses, 0, params)
     tau = merged[0].T if transposed else merged[0]
     return base.to(torch.float32) + tau
@@ -172,15 +165,8 @@ wudi = register(
 
 
 def _cuda_supports(params: WudiParams, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext) -> list[str]:
-    reasons = []
-    if not base.is_cuda:
-        reasons.append("the tensors are not on a CUDA device")
-    if params.solver == "exact":  # so that the merge report names the backend that ran
-        reasons.append("solver 'exact' is a linear solve in torch; the CUDA step serves the adam solver only")
-    ext, why = backends.extension_status()
-    if ext is not None and not hasattr(ext, "wudi_adam_step"):
-        reasons.append("tritonmerge._C has no wudi_adam_step (rebuild the extension)")
-    return reasons
+    # the exact solver is declined so that the merge report names torch, which runs it
+    return wudi_solve_reasons(base.device, solver=params.solver)
 
 
 @wudi.register_impl("cuda", supports=_cuda_supports)
@@ -233,19 +219,19 @@ def merge_wudi_group(
         if wudi_group_key(params, ctx.name, base.shape, base.dtype) is None:
             raise ValueError(f"wudi: tensor {ctx.name!r} is not optimised by WUDI and cannot be grouped")
         transposed = _is_transposed(ctx.name, params)
-        layers.append(_task_vectors(base, _pruned_to_base(base, experts, ctx), transposed))
+        layers.append(_task_vectors(base, ctx.decisions.kept_experts(base, experts), transposed))
         flags.append(transposed)
     shapes = {tuple(x.shape) for x in layers}
     if len(shapes) != 1:
         raise ValueError(f"wudi: a group must share one problem shape, got {sorted(shapes)}")
     solve_backend = want if want in ("torch", "cuda") else "auto"
-    merged, losses = wudi_solve.wudi_solve_batched(layers, backend=solve_backend, **_solve_kwargs(params))
+    if solve_backend == "cuda" and params.solver == "exact":
+        solve_backend = "torch"  # the exact solver is a linear solve: torch runs it on any device
+    used, (merged, losses) = backends.dispatch("wudi_solve", layers, backend=solve_backend, **_solve_kwargs(params))
     out = []
     for i, (base, _, ctx) in enumerate(items):
         _record(ctx, losses, i, params)
-        if ctx.report is not None:
-            used = wudi_solve.resolve_backend(solve_backend, base.device) if params.solver == "adam" else "torch"
-            ctx.report.backends[ctx.name] = used
+        ctx.record_backend(used)
         tau = merged[i].T if flags[i] else merged[i]
         out.append((base.to(torch.float32) + tau).to(dtype=base.dtype, device=base.device))
     return out

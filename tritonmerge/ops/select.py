@@ -121,3 +121,20 @@ def model_thresholds(
             low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=LOW_BINS).cpu()
     low = combine(low)
     return [_bits_to_float((bins[i] << 16) | _select_bin(low[i], remaining[i])[0]) for i in range(n)]
+
+
+def model_thresholds_from_pairs(
+    pairs: Callable[[], Iterable[tuple[torch.Tensor, Sequence[torch.Tensor | None]]]],
+    keep_counts: Sequence[int],
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[float]:
+    """``model_thresholds`` of the task vectors' magnitudes, from ``pairs()`` yielding
+    (base, [expertᵢ or None]) tensor after tensor (None: a zero task vector, as an LwPTV-pruned
+    layer); the form every backend's implementation takes."""
+
+    def magnitudes():
+        for base, experts in pairs():
+            b = base.to(torch.float32)
+            yield [torch.zeros_like(b) if e is None else (e.to(torch.float32) - b).abs() for e in experts]
+
+    return model_thresholds(magnitudes, keep_counts, combine)

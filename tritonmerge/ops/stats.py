@@ -2,7 +2,9 @@
 
 One read of base and experts gives, for every expert i, the moments of τᵢ = expertᵢ − base:
 count, Σx, Σx², Σ|x|, max|x|, Σx³, Σx⁴ (float64 accumulation). TADrop's densities and LwPTV's
-layer scores are computed from these; ``STAT_COLUMNS`` names the columns.
+layer scores are computed from these; ``STAT_COLUMNS`` names the columns. This is the torch
+reference; ``backends.run_op("task_vector_stats", base, experts)`` picks the fused C loop or the
+Triton kernel where they can run.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ def task_vector_stats_reference(base: torch.Tensor, experts: Sequence[torch.Tens
     return torch.stack(rows).cpu()
 
 
-def task_vector_stats(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Dispatching entry point: the fused Triton kernel on CUDA tensors, else the reference."""
-    from ..backends.triton.merge import task_vector_stats as dispatch
-
-    return dispatch(base, experts)
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN/Inf: a sum first (non-finite whenever an element is, ~10x
+    cheaper than ``isfinite``), the elementwise check only when the sum is not finite (or
+    overflowed)."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())

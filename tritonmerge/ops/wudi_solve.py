@@ -31,8 +31,8 @@ rounding of the gradient (summation order differs), not bit-identical.
 Tasks whose τᵢ is zero (LwPTV-pruned, or an expert equal to the base) would get weight 1/0:
 they are dropped from the loss (uᵢ := 0). A layer with no non-zero task returns zeros.
 
-``backend``: ``torch`` (bmm + elementwise ops; CPU or GPU) or ``cuda`` (the same GEMM through
-torch/cuBLAS followed by one fused gradient + Adam kernel from ``tritonmerge._C``).
+The Adam update is torch's ops here (CPU or GPU); backends/cuda.py passes ``adam_step``, one
+fused gradient + Adam kernel from ``tritonmerge._C`` after the same cuBLAS GEMM.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -225,13 +225,10 @@ def kernel_step_scalars(
     return (1 - beta1, beta2, 1 - beta2, inv_bc2_sqrt, eps, -s.step_size)
 
 
-def _extension_step(
-    ext, tau, exp_avg, exp_avg_sq, P, B, step: int, lr: float, beta1: float, beta2: float, eps: float
-) -> None:
-    ext.wudi_adam_step(
-        tau, exp_avg, exp_avg_sq, P, B, *kernel_step_scalars(step, lr, beta1, beta2, eps),
-        torch.cuda.current_stream(tau.device).cuda_stream,
-    )
+# One fused Adam update on the device (backends/cuda.py); None: torch's ops (adam_update_torch).
+# Arguments: tau, exp_avg, exp_avg_sq, P, B, step, lr, beta1, beta2, eps; it forms the gradient
+# 2(P − B) itself.
+AdamStep = Callable[..., None]
 
 
 def adam_loop(
@@ -239,7 +236,7 @@ def adam_loop(
     *,
     steps: int,
     lr: float,
-    backend: str = "torch",
+    adam_step: AdamStep | None = None,
     beta1: float = BETA1,
     beta2: float = BETA2,
     eps: float = ADAM_EPS,
@@ -252,19 +249,12 @@ def adam_loop(
     P = torch.empty_like(tau)
     grad = torch.empty_like(tau)
     loss0 = None
-    ext = None
-    if backend == "cuda":
-        from ..backends import extension_status
-
-        ext, why = extension_status()
-        if ext is None:
-            raise RuntimeError(why)
     for t in range(1, steps + 1):
         problem.product(tau, out=P)
         if t == 1 and init_loss:
             loss0 = problem.loss(tau, P)
-        if ext is not None:
-            _extension_step(ext, tau, exp_avg, exp_avg_sq, P, problem.B, t, lr, beta1, beta2, eps)
+        if adam_step is not None:
+            adam_step(tau, exp_avg, exp_avg_sq, P, problem.B, t, lr, beta1, beta2, eps)
         else:
             torch.sub(P, problem.B, out=grad).mul_(2.0)
             adam_update_torch(tau, exp_avg, exp_avg_sq, grad, t, lr, beta1, beta2, eps)
@@ -274,8 +264,8 @@ def adam_loop(
     return tau, loss0, P
 
 
-def _graphed_adam(problem: WudiProblem, *, steps: int, lr: float, backend: str) -> "_GraphedAdam":
-    return _GraphedAdam(problem, steps=steps, lr=lr, backend=backend)
+def _graphed_adam(problem: WudiProblem, *, steps: int, lr: float, adam_step: AdamStep | None) -> "_GraphedAdam":
+    return _GraphedAdam(problem, steps=steps, lr=lr, adam_step=adam_step)
 
 
 class _GraphedAdam:
@@ -284,7 +274,7 @@ class _GraphedAdam:
     arithmetic is exactly that of ``adam_loop``). Worth it for small layers, where kernel
     launches rather than the GEMM dominate a step."""
 
-    def __init__(self, problem: WudiProblem, *, steps: int, lr: float, backend: str) -> None:
+    def __init__(self, problem: WudiProblem, *, steps: int, lr: float, adam_step: AdamStep | None) -> None:
         self.static = WudiProblem(
             B=problem.B.clone(),
             init=problem.init.clone(),
@@ -299,18 +289,18 @@ class _GraphedAdam:
         stream = torch.cuda.Stream(device=problem.init.device)
         stream.wait_stream(torch.cuda.current_stream(problem.init.device))
         with torch.cuda.stream(stream):  # warm-up outside capture (cuBLAS workspaces, lazy init)
-            self._body(steps=1, lr=lr, backend=backend)
+            self._body(steps=1, lr=lr, adam_step=adam_step)
         torch.cuda.current_stream(problem.init.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._body(steps=steps, lr=lr, backend=backend)
+            self._body(steps=steps, lr=lr, adam_step=adam_step)
 
     @staticmethod
     def _key(p: WudiProblem) -> tuple:
         return (tuple(p.B.shape), None if p.G is None else tuple(p.G.shape), None if p.U is None else tuple(p.U.shape))
 
-    def _body(self, *, steps: int, lr: float, backend: str) -> None:
-        tau, _, P = adam_loop(self.static, steps=steps, lr=lr, backend=backend, init_loss=False)
+    def _body(self, *, steps: int, lr: float, adam_step: AdamStep | None) -> None:
+        tau, _, P = adam_loop(self.static, steps=steps, lr=lr, adam_step=adam_step, init_loss=False)
         self.tau.copy_(tau)
         self.P.copy_(P)
 
@@ -448,35 +438,13 @@ def default_budget(device: torch.device) -> int:
     return 4 << 30
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``cuda`` when the extension is loaded and the device is CUDA, else ``torch``."""
-    if backend not in ("auto", "torch", "cuda"):
-        raise ValueError(f"wudi_solve_batched: backend {backend!r} is not one of auto, torch, cuda")
-    if backend == "torch":
-        return "torch"
-    from ..backends import extension_status
-
-    from ..backends import self_check
-
-    ext, why = extension_status()
-    usable = ext is not None and device.type == "cuda" and hasattr(ext, "wudi_adam_step")
-    if usable and (why := self_check.failure("cuda", device)):
-        usable = False
-        if backend == "auto":
-            self_check.announce("cuda", device, "the torch backend")
-    if backend == "cuda" and not usable:
-        reason = why or ("the device is not CUDA" if device.type != "cuda" else "tritonmerge._C lacks wudi_adam_step")
-        raise RuntimeError(f"wudi_solve_batched: backend 'cuda' is unavailable: {reason}")
-    return "cuda" if usable else "torch"
-
-
 def wudi_solve_batched(
     task_vectors: torch.Tensor | Sequence[torch.Tensor],
     *,
     steps: int = 300,
     lr: float = 1e-5,
     solver: Literal["adam", "exact"] = "adam",
-    backend: str = "auto",
+    adam_step: AdamStep | None = None,
     ridge: float = DEFAULT_RIDGE,
     tf32: bool = False,
     batch_memory_gb: float | None = None,
@@ -493,7 +461,8 @@ def wudi_solve_batched(
             any device). Zero task vectors are dropped from their layer's loss.
         steps, lr: Adam iterations and learning rate (official: 300, 1e-5).
         solver: ``adam`` (the official iterates) or ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n).
-        backend: ``auto`` | ``torch`` | ``cuda`` (fused Adam kernel; CUDA tensors only).
+        adam_step: the fused Adam update to use (backends/cuda.py's, on CUDA tensors); None:
+            torch's ops. The dispatcher (``backends.run_op("wudi_solve", ...)``) chooses it.
         tf32: allow TF32 tensor-core matmuls on CUDA (faster, ~1e-3 relative GEMM error).
         batch_memory_gb: device memory one batch of layers may use (default: half the free GPU
             memory, 4 GiB on CPU); layers are processed in batches that fit.
@@ -520,7 +489,6 @@ def wudi_solve_batched(
             raise ValueError(f"wudi_solve_batched: layer shapes differ: {tuple(x.shape)} vs {(T, m, n)}")
     out_device = first.device
     dev = torch.device(device) if device is not None else first.device
-    backend = resolve_backend(backend, dev) if solver == "adam" else "torch"
     budget = int(batch_memory_gb * (1 << 30)) if batch_memory_gb is not None else default_budget(dev)
     per_layer = layer_bytes(m, n, T, solver=solver, orientation=orientation)
     batch = max(1, min(len(layers), budget // max(per_layer, 1)))
@@ -542,11 +510,11 @@ def wudi_solve_batched(
                 loss0 = problem.loss(problem.init) if compute_losses else None
             elif use_graph:
                 if graphed is None or graphed.key != _GraphedAdam._key(problem):
-                    graphed = _graphed_adam(problem, steps=steps, lr=lr, backend=backend)
+                    graphed = _graphed_adam(problem, steps=steps, lr=lr, adam_step=adam_step)
                 tau, P = graphed.run(problem)
                 loss0 = problem.loss(problem.init) if compute_losses else None
             else:
-                tau, loss0, P = adam_loop(problem, steps=steps, lr=lr, backend=backend, init_loss=compute_losses)
+                tau, loss0, P = adam_loop(problem, steps=steps, lr=lr, adam_step=adam_step, init_loss=compute_losses)
             if compute_losses:
                 assert loss0 is not None
                 losses.init.extend(loss0.tolist())

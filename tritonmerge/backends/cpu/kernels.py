@@ -33,17 +33,23 @@ from typing import Sequence
 
 import torch
 
+from ...ops.merge_spec import Divide, Elect, Keep, Rescale
+
 MAX_EXPERTS = 16
-ABI_VERSION = 2
+ABI_VERSION = 3
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-KEEP_ALL, KEEP_NONE, KEEP_THRESHOLD, KEEP_TOPK, KEEP_RANDOM = range(5)
-RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY = range(3)
-ELECT_NONE, ELECT_SUM, ELECT_COUNT = range(3)
-DIV_NONE, DIV_WEIGHT, DIV_COUNT, DIV_CONSTANT = range(4)
+# the mode codes of merge_cpu.c's enums, defined once in ops/merge_spec.py (a test compares them
+# with the C source)
+KEEP_ALL, KEEP_NONE, KEEP_THRESHOLD, KEEP_TOPK, KEEP_RANDOM = (
+    int(Keep.ALL), int(Keep.NONE), int(Keep.THRESHOLD), int(Keep.TOPK), int(Keep.RANDOM)
+)
+RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY = int(Rescale.NONE), int(Rescale.DIVIDE), int(Rescale.MULTIPLY)
+ELECT_NONE, ELECT_SUM, ELECT_COUNT = int(Elect.NONE), int(Elect.SUM), int(Elect.COUNT)
+DIV_NONE, DIV_WEIGHT, DIV_COUNT, DIV_CONSTANT = int(Divide.NONE), int(Divide.WEIGHT), int(Divide.COUNT), int(Divide.CONSTANT)
 
 _ERRORS = {-1: "out of memory", -2: "invalid arguments", -3: "k out of range"}
 _BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
@@ -83,6 +89,7 @@ class Args(ctypes.Structure):
         ("n_segments", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
         ("nonfinite", ctypes.c_void_p),
+        ("input_nonfinite", ctypes.c_void_p),
     ]
 
 
@@ -193,6 +200,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_abs_sums.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_tau_stats.argtypes = [p_args, ctypes.c_void_p]
     lib.tm_tau_stats.restype = ctypes.c_int
+    lib.tm_tau_stats_gram.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tm_tau_stats_gram.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     lib.tm_count_nonfinite.restype = ctypes.c_int64
     for fn in (lib.tm_hist_high, lib.tm_hist_low, lib.tm_topk_select, lib.tm_merge, lib.tm_abs_sums):
@@ -389,16 +398,80 @@ def abs_sums(args: Args) -> tuple[list[float], list[float]]:
     return list(before)[:n], list(after)[:n]
 
 
+class InputAudit:
+    """What the fused loops read on one thread while the audit is active (``input_audit``): the
+    input buffers they read whole (data pointer -> bytes) and a count that is nonzero whenever
+    one of them holds a NaN/Inf. Lets the engine's input check ride on the merge's own read;
+    a nonzero count may also come from an overflowed τ, so it only says "look exactly"."""
+
+    def __init__(self) -> None:
+        self.read: dict[int, int] = {}
+        self.nonfinite = 0
+
+    def covers(self, t: torch.Tensor) -> bool:
+        """True when a fused loop read every byte of ``t`` (a CPU tensor) while auditing."""
+        nbytes = t.numel() * t.element_size()
+        return nbytes == 0 or (t.is_contiguous() and self.read.get(t.data_ptr(), 0) >= nbytes)
+
+    def _add(self, ptr: int | None, nbytes: int) -> None:
+        if ptr:
+            self.read[ptr] = max(self.read.get(ptr, 0), nbytes)
+
+
+_audits = threading.local()
+
+
+def start_audit() -> InputAudit:
+    """Begin auditing this thread's fused reads (nests: the previous audit is restored by
+    ``stop_audit``)."""
+    audit = InputAudit()
+    audit._previous = getattr(_audits, "current", None)  # type: ignore[attr-defined]
+    _audits.current = audit
+    return audit
+
+
+def stop_audit(audit: InputAudit) -> None:
+    if getattr(_audits, "current", None) is audit:
+        _audits.current = audit._previous  # type: ignore[attr-defined]
+
+
+def _itemsize(code: int) -> int:
+    return 4 if code == DTYPE_CODES[torch.float32] else 2
+
+
 def merge(args: Args) -> int:
     """Run the fused merge described by ``args`` (output written through ``args.out``); returns
-    the number of NaN/Inf entries it wrote (counted in the same pass, while the data is in L1)."""
+    the number of NaN/Inf entries it wrote (counted in the same pass, while the data is in L1).
+    Under an ``InputAudit`` it also counts NaN/Inf in what it reads, in the same pass."""
     count = ctypes.c_int64(0)
+    audit = getattr(_audits, "current", None)
+    inputs = ctypes.c_int64(0)
     args.nonfinite = ctypes.addressof(count)
+    args.input_nonfinite = ctypes.addressof(inputs) if audit is not None else None
     try:
         _check(library().tm_merge(ctypes.byref(args)), "merge")
     finally:
         args.nonfinite = None
+        args.input_nonfinite = None
+    if audit is not None:
+        if args.subtract_base or args.add_base:
+            audit._add(args.base, args.numel * _itemsize(args.base_dtype))
+        for i in range(args.n_experts):
+            if args.keep_mode[i] != KEEP_NONE:
+                audit._add(args.experts[i], args.numel * _itemsize(args.expert_dtype[i]))
+        audit.nonfinite += int(inputs.value)
     return int(count.value)
+
+
+def _audit_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], stats: torch.Tensor) -> None:
+    """τ is formed in float64 from finite float32 values without overflow, so Σx² (and every
+    column) is finite exactly when base and expert are: the stats double as the input check."""
+    audit = getattr(_audits, "current", None)
+    if audit is None:
+        return
+    for t in (base, *experts):
+        audit._add(t.data_ptr(), t.numel() * t.element_size())
+    audit.nonfinite += int((~torch.isfinite(stats)).any(dim=1).sum())
 
 
 def tau_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None) -> torch.Tensor:
@@ -410,8 +483,26 @@ def tau_stats(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int 
     a, alive = make_args(base, experts, numel=base.numel(), threads=threads)
     out = torch.empty((len(experts), 7), dtype=torch.float64)
     _check(library().tm_tau_stats(ctypes.byref(a), out.data_ptr()), "tau_stats")
+    _audit_stats(alive[0], alive[1:], out)
     del alive
     return out
+
+
+def tau_stats_gram(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tau_stats`` (the same bits) and the [N, N] float64 Gram matrix G[i, k] = Σ τᵢ·τₖ, in
+    one read of base and the experts (at most MAX_EXPERTS). The Gram sums run in a fixed order
+    (8 lanes per chunk, chunks in order): independent of the thread count, different from a
+    BLAS product only in the order of float64 additions."""
+    a, alive = make_args(base, experts, numel=base.numel(), threads=threads)
+    n = len(experts)
+    stats = torch.empty((n, 7), dtype=torch.float64)
+    gram = torch.empty((n, n), dtype=torch.float64)
+    _check(library().tm_tau_stats_gram(ctypes.byref(a), stats.data_ptr(), gram.data_ptr()), "tau_stats_gram")
+    _audit_stats(alive[0], alive[1:], stats)
+    del alive
+    return stats, gram
 
 
 def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:

@@ -1,21 +1,22 @@
-"""The "cpu" backend of the task-arithmetic family: the fused C loops of backends/cpu/kernels.py.
+"""The "cpu" backend: merge specs (ops/merge_spec.py) and the analyses' building blocks on the
+fused C loops of backends/cpu/kernels.py.
 
 One tensor costs one read of base + N experts for the merge itself, plus, for exact per-tensor
-top-k (TIES/magnitude, ``topk_scope="tensor"``), usually one more read that finds every expert's
-threshold (a 1/64 sample brackets it, one pass counts and collects the entries in the bracket,
-an exact selection among those finishes; ops/select's tie rule; the two-pass radix select on the
-float32 bits remains as the fallback), and for ``rescale="l1"`` one more read for the norms.
-Task vectors are never materialised and no N-way stack is built. The merge also counts the
-NaN/Inf it writes (``known_nonfinite``), and ``task_vector_stats_cpu`` gives ops/stats'
-per-expert moments in one read.
+top-k (``Keep.TOPK``), usually one more read that finds every expert's threshold (a 1/64 sample
+brackets it, one pass counts and collects the entries in the bracket, an exact selection among
+those finishes; ops/select's tie rule; the two-pass radix select on the float32 bits remains as
+the fallback), and for the L1 rescale one more read for the norms. Task vectors are never
+materialised and no N-way stack is built. The merge also counts the NaN/Inf it writes
+(``known_nonfinite``), and ``task_vector_stats_cpu`` gives ops/stats' per-expert moments in one
+read.
 
-Results equal the torch reference (methods/task_arithmetic.merge_family / merge_linear) bit for
-bit: same float32 operations in the same order, then the same rounding to the base's dtype. The
-one exception is ``rescale="l1"``, whose float64 norms are summed in a different order (the
-scale factor can differ in its last float32 bit).
+Results equal ``merge_by_spec`` bit for bit: same float32 operations in the same order, then
+the same rounding to the output dtype. The one exception is the L1 rescale, whose float64 norms
+are summed in a different order (the scale factor can differ in its last float32 bit).
 
-Not covered (the torch reference runs instead): breadcrumbs and DELLA sparsification, more than
-16 experts, non-CPU tensors, float64 tensors.
+Not covered (``merge_cpu_reasons`` says so and the torch reference runs instead): outlier
+removal (breadcrumbs), rank-based random keeps (DELLA), more than 16 experts, non-CPU tensors,
+float64 tensors.
 """
 
 from __future__ import annotations
@@ -26,18 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .. import self_check
-from ...context import TensorContext
-from ...errors import ParameterError
-from ...params import per_expert
+from ...ops.merge_spec import Keep, MergeSpec, Rescale
 from . import kernels as ck
-from ...ops.family import divisor_rule
-from ...ops.rng import stream_keys
-from ...ops.select import keep_count
-from ...ops.sparsify import expert_densities
-
-SUPPORTED_SPARSIFY = (None, "magnitude", "random")
-_DIVIDE = {"none": ck.DIV_NONE, "weight": ck.DIV_WEIGHT, "count": ck.DIV_COUNT}
-_ELECT = {None: ck.ELECT_NONE, "sum": ck.ELECT_SUM, "count": ck.ELECT_COUNT}
 
 # id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
 # counted in the merge pass itself. Keyed by id (a tensor's == is elementwise, so it cannot be a
@@ -80,84 +71,69 @@ def _tensor_reasons(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list
     return reasons
 
 
-def gta_cpu_supports(params: Any, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext, family) -> list[str]:
-    """Reasons the fused CPU path cannot merge this call ([] when it can)."""
+SUPPORTED_KEEPS = {Keep.ALL, Keep.NONE, Keep.THRESHOLD, Keep.TOPK, Keep.RANDOM}
+_WHY_NOT = {Keep.RANKED_RANDOM: " (DELLA's rank-based keep probabilities need a per-row sort)"}
+
+
+def merge_cpu_reasons(spec: MergeSpec, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[str]:
+    """Reasons the fused CPU loops cannot execute ``spec`` on these tensors ([] when they can)."""
     reasons = _tensor_reasons(base, experts)
-    if family.sparsify not in SUPPORTED_SPARSIFY:
-        reasons.append(f"{family.sparsify} sparsification is not implemented in the fused CPU kernels")
+    for keep in sorted(spec.keeps - SUPPORTED_KEEPS):
+        reasons.append(f"keep rule {keep.name} is not implemented in the fused CPU loops" + _WHY_NOT.get(keep, ""))
+    if any(rule.keep == Keep.TOPK and rule.outliers for rule in spec.experts):
+        reasons.append("removing the largest entries (breadcrumbs) is not implemented in the fused CPU loops")
     return reasons
 
 
-def linear_cpu_supports(params: Any, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext) -> list[str]:
-    """Reasons the fused CPU path cannot run ``linear`` for this call ([] when it can)."""
-    return _tensor_reasons(base, experts)
-
-
-def _is_base(expert: torch.Tensor, base: torch.Tensor) -> bool:
-    """True when the expert is the base itself (api.merge_one's substitute for a pruned LwPTV
-    layer): its task vector is exactly zero and need not be read."""
-    return expert is base or (
-        expert.data_ptr() == base.data_ptr()
-        and expert.dtype == base.dtype
-        and expert.shape == base.shape
-        and expert.stride() == base.stride()
-    )
-
-
-def gta_cpu(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx: TensorContext, family, method_name: str
-) -> torch.Tensor:
-    """``merge_family`` on the fused CPU loops; returns the merged tensor in base's dtype."""
-    n = len(experts)
-    numel = base.numel()
-    weights = per_expert(p.weight, n, "weight")
+def merge_cpu(spec: MergeSpec, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``merge_by_spec`` on the fused CPU loops."""
+    n, numel = len(experts), base.numel()
     a, alive = ck.make_args(
-        base, [None if _is_base(e, base) else e for e in experts], numel=numel, offset=ctx.element_offset
+        base if spec.task_vectors else None,
+        [None if rule.keep == Keep.NONE else e for e, rule in zip(experts, spec.experts)],
+        numel=numel,
+        subtract_base=spec.task_vectors,
+        offset=spec.element_offset,
     )
-    out = torch.empty(base.shape, dtype=base.dtype)
+    out = torch.empty(base.shape, dtype=spec.out_dtype or base.dtype)
     a.out = out.data_ptr()
-    a.out_dtype = ck.DTYPE_CODES[base.dtype]
-    a.add_base = 1
-    a.lambda_ = p.lambda_
-    for i, w in enumerate(weights):
-        a.weight[i] = w
-    a.election = _ELECT[p.consensus if family.consensus else None]
-    a.divide = _DIVIDE[divisor_rule(p, family)]
-
-    if family.sparsify is not None and numel > 0:
-        _set_keep_rules(a, p, ctx, family, n, numel)
+    a.out_dtype = ck.DTYPE_CODES[out.dtype]
+    a.add_base = int(spec.task_vectors)
+    a.lambda_ = spec.lam
+    for i, rule in enumerate(spec.experts):
+        a.weight[i] = rule.weight
+    a.election = int(spec.elect)
+    a.divide = int(spec.divide)
+    a.divide_constant = spec.divide_constant
+    if numel > 0:
+        _set_keep_rules(a, spec, n, numel)
     _remember_nonfinite(out, ck.merge(a) if numel > 0 else 0)
     del alive
     return out
 
 
-def _set_keep_rules(a: ck.Args, p: Any, ctx: TensorContext, family, n: int, numel: int) -> None:
-    """Per-expert mask and rescale, following task_arithmetic.sparsify_task_vector."""
-    densities = expert_densities(p.density, ctx, n)
-    thresholds = ctx.decisions.threshold
+def _set_keep_rules(a: ck.Args, spec: MergeSpec, n: int, numel: int) -> None:
+    """Per-expert mask and rescale codes; top-k thresholds and L1 factors measured here."""
     topk: dict[int, int] = {}
     l1 = []
-    for i, d in enumerate(densities):
-        if a.keep_mode[i] == ck.KEEP_NONE:
+    for i, rule in enumerate(spec.experts):
+        if not rule.masked:
             continue
-        if family.sparsify == "magnitude" and thresholds is not None:
-            a.keep_mode[i] = ck.KEEP_THRESHOLD
-            a.threshold[i] = thresholds[i]
-        elif d >= 1.0:
-            continue  # the task vector as it is: no mask, no rescale
-        elif family.sparsify == "magnitude":
-            k = keep_count(d, numel)
-            if k < numel:
-                a.keep_mode[i] = ck.KEEP_TOPK
-                topk[i] = k
-        else:  # random (DARE)
-            a.keep_mode[i] = ck.KEEP_RANDOM
-            a.keep_prob[i] = d
-            a.key0[i], a.key1[i] = stream_keys(p.seed, ctx.name, i)
-        if p.rescale == "keep_prob":
-            a.rescale_mode[i] = ck.RESCALE_DIVIDE
-            a.rescale_value[i] = d
-        elif p.rescale == "l1":
+        if rule.keep == Keep.THRESHOLD:
+            a.keep_mode[i] = int(Keep.THRESHOLD)
+            a.threshold[i] = rule.threshold
+        elif rule.keep == Keep.TOPK:
+            if rule.k < numel:
+                a.keep_mode[i] = int(Keep.TOPK)
+                topk[i] = rule.k
+        else:
+            a.keep_mode[i] = int(Keep.RANDOM)
+            a.keep_prob[i] = rule.density
+            a.key0[i], a.key1[i] = rule.keys
+        if rule.rescale == "keep_prob":
+            a.rescale_mode[i] = int(Rescale.DIVIDE)
+            a.rescale_value[i] = rule.density
+        elif rule.rescale == "l1":
             l1.append(i)
     if topk:
         thr, greater, tied = ck.topk_select(a, list(topk), [topk.get(i, 0) for i in range(n)])
@@ -168,29 +144,13 @@ def _set_keep_rules(a: ck.Args, p: Any, ctx: TensorContext, family, n: int, nume
     if l1:
         before, after = ck.abs_sums(a)
         for i in l1:
-            if before[i] >= 1e-7 and after[i] >= 1e-7:  # mergekit's guard, as sparsify.rescale
-                a.rescale_mode[i] = ck.RESCALE_MULTIPLY
+            if before[i] >= 1e-7 and after[i] >= 1e-7:  # mergekit's guard, as merge_spec.kept_task_vector
+                a.rescale_mode[i] = int(Rescale.MULTIPLY)
                 a.rescale_value[i] = before[i] / after[i]
 
 
-def linear_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], p: Any, ctx: TensorContext) -> torch.Tensor:
-    """``merge_linear`` on the fused CPU loops: Σᵢ wᵢ·expertᵢ (/ Σᵢ wᵢ), in base's dtype."""
-    weights = per_expert(p.weight, len(experts), "weight")
-    a, alive = ck.make_args(None, experts, numel=base.numel(), subtract_base=False)
-    out = torch.empty(base.shape, dtype=base.dtype)
-    a.out = out.data_ptr()
-    a.out_dtype = ck.DTYPE_CODES[base.dtype]
-    for i, w in enumerate(weights):
-        a.weight[i] = w
-    if p.normalize:
-        denominator = sum(weights)
-        if abs(denominator) < 1e-8:
-            raise ParameterError(f"linear: the weights sum to {denominator}; cannot normalise (set normalize=false)")
-        a.divide = ck.DIV_CONSTANT
-        a.divide_constant = denominator
-    _remember_nonfinite(out, ck.merge(a) if base.numel() > 0 else 0)
-    del alive
-    return out
+# (run, supports) for methods/task_arithmetic's registration of every spec executor
+EXECUTOR = (merge_cpu, merge_cpu_reasons)
 
 
 def _tau_bits(base: torch.Tensor, expert: torch.Tensor | None) -> torch.Tensor:
@@ -278,13 +238,10 @@ def task_vector_stats_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
-def register_cpu_impl(method, family) -> None:
-    """Register the "cpu" implementation on one task-arithmetic family member."""
+def all_finite_cpu(t: torch.Tensor) -> bool:
+    """ops/stats.all_finite in one fused read (tensors the C loop does not take: the reference)."""
+    if t.numel() == 0 or t.device.type != "cpu" or t.dtype not in ck.DTYPE_CODES:
+        from ...ops.stats import all_finite
 
-    def supports(params, base, experts, ctx, _family=family):
-        return gta_cpu_supports(params, base, experts, ctx, _family)
-
-    def run(base, experts, params, ctx, _family=family, _name=method.name):
-        return gta_cpu(base, experts, params, ctx, _family, _name)
-
-    method.register_impl("cpu", supports=supports)(run)
+        return all_finite(t)
+    return ck.count_nonfinite(t) == 0

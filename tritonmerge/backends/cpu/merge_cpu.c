@@ -23,7 +23,7 @@
 #include <omp.h>
 #endif
 
-#define TM_ABI_VERSION 2
+#define TM_ABI_VERSION 3
 #define TM_MAX_EXPERTS 16
 #define TM_BLOCK 1024
 #define TM_CHUNK (64 * 1024)
@@ -90,6 +90,11 @@ typedef struct {
     /* tm_merge: where to add the number of NaN/Inf entries it wrote (may be NULL), so that the
        caller's finiteness check of the output needs no read of its own */
     int64_t *nonfinite;
+    /* tm_merge: where to add a count that is nonzero whenever an input it read (base, experts
+       not KEEP_NONE) holds a NaN/Inf (may be NULL): the input check without a read of its own.
+       Counted on the loaded base and on τ before masking; τ of finite inputs can overflow to
+       Inf, so a nonzero count only tells the caller to run its exact per-model check. */
+    int64_t *input_nonfinite;
 } tm_args;
 
 int tm_abi_version(void) { return TM_ABI_VERSION; }
@@ -264,6 +269,13 @@ static int thread_count(const tm_args *a, int32_t segments) {
 static size_t scratch_floats(void) { return (size_t)(4 + TM_MAX_EXPERTS) * TM_BLOCK; }
 
 static inline int block_len(int64_t s, int64_t end) { return (int)(end - s < TM_BLOCK ? end - s : TM_BLOCK); }
+
+/* NaN/Inf entries of a float32 block (exponent bits all ones). */
+static inline int64_t block_nonfinite(const float *restrict v, int m) {
+    uint32_t c = 0;
+    for (int j = 0; j < m; j++) c += (float_to_bits(v[j]) & 0x7F800000u) == 0x7F800000u;
+    return c;
+}
 
 /* ---------------------------------------------------------------------------------------- */
 /* The exact top-k threshold: two histogram passes over |τ|'s float32 bits (radix select)      */
@@ -1020,8 +1032,10 @@ static inline void apply_keep(const tm_args *a, int i, int64_t index0, int m, in
 
 TM_HOT int64_t tm_count_nonfinite_range(const void *p, int32_t dtype, int64_t start, int64_t end);
 
-/* Returns the number of NaN/Inf entries written (counted while the block is in L1). */
-TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch) {
+/* Returns the number of NaN/Inf entries written (counted while the block is in L1); adds to
+   *bad_in the input count of tm_args.input_nonfinite when that is set. */
+TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch,
+                              int64_t *bad_in) {
     const int n = a->n_experts;
     float *restrict b = scratch;
     float *restrict acc = b + TM_BLOCK;
@@ -1029,17 +1043,23 @@ TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int6
     float *restrict total = div + TM_BLOCK;
     float *restrict taus = total + TM_BLOCK;
     const int need_base = a->subtract_base || a->add_base;
-    int64_t bad = 0;
+    const int audit = a->input_nonfinite != NULL;
+    int64_t bad = 0, in_bad = 0;
 
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
-        if (need_base) load_block(a->base, a->base_dtype, s, m, b);
+        if (need_base) {
+            load_block(a->base, a->base_dtype, s, m, b);
+            if (audit) in_bad += block_nonfinite(b, m);
+        }
 
         /* wᵢ·rescale(mask(τᵢ)), in the reference's order of float32 operations */
         for (int i = 0; i < n; i++) {
             if (a->keep_mode[i] == KEEP_NONE) continue;
             float *restrict t = taus + (size_t)i * TM_BLOCK;
             load_tau(a->experts[i], a->expert_dtype[i], s, m, b, a->subtract_base, t);
+            /* a NaN/Inf expert entry always gives a NaN/Inf τ (the base is counted above) */
+            if (audit) in_bad += block_nonfinite(t, m);
             apply_keep(a, i, a->offset + s, m, &budget[i], t);
             const float r = a->rescale_value[i], w = a->weight[i];
             if (a->rescale_mode[i] == RESCALE_DIVIDE)
@@ -1104,6 +1124,7 @@ TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int6
         store_block(a->out, a->out_dtype, s, m, acc);
         if (a->nonfinite) bad += tm_count_nonfinite_range(a->out, a->out_dtype, s, s + m);
     }
+    *bad_in += in_bad;
     return bad;
 }
 
@@ -1219,10 +1240,15 @@ int tm_merge(const tm_args *a) {
             if (!scratch) continue;
             int64_t start, end;
             segment_range(a->numel, segments, s, &start, &end);
-            const int64_t bad = tm_merge_range(a, start, end, budgets + (size_t)s * n, wsum, scratch);
+            int64_t bad_in = 0;
+            const int64_t bad = tm_merge_range(a, start, end, budgets + (size_t)s * n, wsum, scratch, &bad_in);
             if (a->nonfinite && bad) {
 #pragma omp atomic
                 *a->nonfinite += bad;
+            }
+            if (a->input_nonfinite && bad_in) {
+#pragma omp atomic
+                *a->input_nonfinite += bad_in;
             }
         }
         free(scratch);
@@ -1438,6 +1464,146 @@ int tm_tau_stats(const tm_args *a, double *out) {
             }
     for (int i = 0; i < n; i++) /* a NaN entry makes Σ|x| NaN; the comparisons above skipped it */
         if (isnan(out[(size_t)i * TM_STAT_COLUMNS + 3])) out[(size_t)i * TM_STAT_COLUMNS + 4] = NAN;
+    free(partial);
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Task-vector statistics and Gram matrix together (LwPTV's cosine_to_mean): one read          */
+
+#define TM_GRAM_PAIRS (TM_MAX_EXPERTS * (TM_MAX_EXPERTS + 1) / 2)
+
+/* tm_tau_stats_range's columns (the same lanes, added in the same order: equal bits) plus
+   G[i][k] = Σ xᵢ·xₖ (k >= i, 8 lanes) over [start, end), each block of base loaded once. */
+TM_HOT void tm_tau_stats_gram_range(const tm_args *a, int64_t start, int64_t end, float *scratch, double *xs, double *out,
+                                    double *gram) {
+    const int n = a->n_experts;
+    float *b = scratch, *e = scratch + TM_BLOCK;
+    const tm_v8i abs_mask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    tm_v8d s1[TM_MAX_EXPERTS], s2[TM_MAX_EXPERTS], sa[TM_MAX_EXPERTS], s3[TM_MAX_EXPERTS], s4[TM_MAX_EXPERTS],
+        mx[TM_MAX_EXPERTS], g[TM_GRAM_PAIRS];
+    const tm_v8d zero = {0};
+    for (int i = 0; i < n; i++) s1[i] = s2[i] = sa[i] = s3[i] = s4[i] = mx[i] = zero;
+    for (int p = 0; p < n * (n + 1) / 2; p++) g[p] = zero;
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        const int m8 = (m + TM_STAT_LANES - 1) & ~(TM_STAT_LANES - 1);
+        load_block(a->base, a->base_dtype, s, m, b);
+        for (int i = 0; i < n; i++) {
+            double *x = xs + (size_t)i * TM_BLOCK;
+            load_block(a->experts[i], a->expert_dtype[i], s, m, e);
+            for (int j = 0; j < m; j++) x[j] = (double)e[j] - (double)b[j];
+            for (int j = m; j < m8; j++) x[j] = 0.0;
+            for (int j0 = 0; j0 < m8; j0 += TM_STAT_LANES) {
+                tm_v8d v, av, v2;
+                memcpy(&v, x + j0, sizeof v);
+                av = (tm_v8d)((tm_v8i)v & abs_mask);
+                v2 = v * v;
+                s1[i] += v;
+                s2[i] += v2;
+                sa[i] += av;
+                s3[i] += v2 * v;
+                s4[i] += v2 * v2;
+                const tm_v8i greater = av > mx[i];
+                mx[i] = (tm_v8d)(((tm_v8i)av & greater) | ((tm_v8i)mx[i] & ~greater));
+            }
+        }
+        int p = 0;
+        for (int i = 0; i < n; i++)
+            for (int k = i; k < n; k++, p++) {
+                const double *xi = xs + (size_t)i * TM_BLOCK, *xk = xs + (size_t)k * TM_BLOCK;
+                tm_v8d acc = g[p];
+                for (int j0 = 0; j0 < m8; j0 += TM_STAT_LANES) {
+                    tm_v8d u, v;
+                    memcpy(&u, xi + j0, sizeof u);
+                    memcpy(&v, xk + j0, sizeof v);
+                    acc += u * v;
+                }
+                g[p] = acc;
+            }
+    }
+    for (int i = 0; i < n; i++) {
+        double *o = out + (size_t)i * TM_STAT_COLUMNS;
+        o[0] = (double)(end - start);
+        o[1] = o[2] = o[3] = o[4] = o[5] = o[6] = 0.0;
+        for (int l = 0; l < TM_STAT_LANES; l++) {
+            o[1] += s1[i][l];
+            o[2] += s2[i][l];
+            o[3] += sa[i][l];
+            o[4] = mx[i][l] > o[4] ? mx[i][l] : o[4];
+            o[5] += s3[i][l];
+            o[6] += s4[i][l];
+        }
+    }
+    for (int p = 0; p < n * (n + 1) / 2; p++) {
+        gram[p] = 0.0;
+        for (int l = 0; l < TM_STAT_LANES; l++) gram[p] += g[p][l];
+    }
+}
+
+/*
+ * stats: n × 7 as tm_tau_stats (bit for bit); gram: n × n float64, G[i][k] = Σ τᵢ·τₖ of the
+ * float64 τ, summed per chunk (8 lanes) then chunks in order (independent of the thread count;
+ * it differs from a BLAS x·xᵀ only by summation order).
+ */
+int tm_tau_stats_gram(const tm_args *a, double *stats, double *gram) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    for (int i = 0; i < n; i++) {
+        if (a->keep_mode[i] == KEEP_NONE || !valid_dtype(a->base_dtype)) return TM_EINVAL;
+        for (int c = 0; c < TM_STAT_COLUMNS; c++) stats[(size_t)i * TM_STAT_COLUMNS + c] = 0.0;
+    }
+    for (size_t q = 0; q < (size_t)n * n; q++) gram[q] = 0.0;
+    if (a->numel == 0 || n == 0) return TM_OK;
+    const int64_t chunks = (a->numel + TM_CHUNK - 1) / TM_CHUNK;
+    const int pairs = n * (n + 1) / 2;
+    const size_t per_chunk = (size_t)n * TM_STAT_COLUMNS + (size_t)pairs;
+    double *partial = malloc((size_t)chunks * per_chunk * sizeof(double));
+    if (!partial) return TM_ENOMEM;
+    int failed = 0;
+    int nt = a->n_threads > 0 ? a->n_threads : 1;
+    if (nt > chunks) nt = (int)chunks;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = malloc(2 * TM_BLOCK * sizeof(float));
+        double *xs = malloc((size_t)n * TM_BLOCK * sizeof(double));
+        if (!scratch || !xs) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t c = 0; c < chunks; c++) {
+            if (!scratch || !xs) continue;
+            const int64_t start = c * TM_CHUNK, end = start + TM_CHUNK < a->numel ? start + TM_CHUNK : a->numel;
+            double *p = partial + (size_t)c * per_chunk;
+            tm_tau_stats_gram_range(a, start, end, scratch, xs, p, p + (size_t)n * TM_STAT_COLUMNS);
+        }
+        free(scratch);
+        free(xs);
+    }
+    if (!failed)
+        for (int64_t c = 0; c < chunks; c++) {
+            for (int i = 0; i < n; i++) {
+                const double *p = partial + (size_t)c * per_chunk + (size_t)i * TM_STAT_COLUMNS;
+                double *o = stats + (size_t)i * TM_STAT_COLUMNS;
+                o[0] += p[0];
+                o[1] += p[1];
+                o[2] += p[2];
+                o[3] += p[3];
+                o[4] = p[4] > o[4] ? p[4] : o[4];
+                o[5] += p[5];
+                o[6] += p[6];
+            }
+            const double *pg = partial + (size_t)c * per_chunk + (size_t)n * TM_STAT_COLUMNS;
+            int p = 0;
+            for (int i = 0; i < n; i++)
+                for (int k = i; k < n; k++, p++) gram[(size_t)i * n + k] += pg[p];
+        }
+    for (int i = 0; i < n; i++) {
+        if (isnan(stats[(size_t)i * TM_STAT_COLUMNS + 3])) stats[(size_t)i * TM_STAT_COLUMNS + 4] = NAN;
+        for (int k = 0; k < i; k++) gram[(size_t)i * n + k] = gram[(size_t)k * n + i];
+    }
     free(partial);
     return failed ? TM_ENOMEM : TM_OK;
 }

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.merge_spec import Divide, Elect, Keep, Rescale
 from . import specializations as S
 from .select import device_context, expert_pointer_table
 
@@ -43,11 +44,23 @@ NUM_WARPS = 8
 MAX_REGISTERS = 128
 L1_BLOCK = 4096
 
-# constexpr codes
-SPARSIFY_NONE, SPARSIFY_THRESHOLD, SPARSIFY_RANDOM = 0, 1, 2
-ELECT_NONE, ELECT_SUM, ELECT_COUNT = 0, 1, 2
-DIVIDE_NONE, DIVIDE_WEIGHT, DIVIDE_COUNT, DIVIDE_CONST = 0, 1, 2, 3
-RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY = 0, 1, 2
+# The mode codes, defined once in ops/merge_spec.py and shared with the C loops. SPARSIFY is the
+# kernel's one mask kind per launch: no mask (Keep.ALL), a threshold with an exact tie cutoff
+# (Keep.THRESHOLD, which also runs Keep.TOPK after the selection) or the counter hash (Keep.RANDOM).
+SPARSIFY_NONE, SPARSIFY_THRESHOLD, SPARSIFY_RANDOM = int(Keep.ALL), int(Keep.THRESHOLD), int(Keep.RANDOM)
+ELECT_NONE, ELECT_SUM, ELECT_COUNT = int(Elect.NONE), int(Elect.SUM), int(Elect.COUNT)
+DIVIDE_NONE, DIVIDE_WEIGHT, DIVIDE_COUNT, DIVIDE_CONST = (
+    int(Divide.NONE), int(Divide.WEIGHT), int(Divide.COUNT), int(Divide.CONSTANT)
+)
+RESCALE_NONE, RESCALE_DIVIDE, RESCALE_MULTIPLY = int(Rescale.NONE), int(Rescale.DIVIDE), int(Rescale.MULTIPLY)
+# the same numbers as the constexprs the kernels compare with (a jit function reads only
+# constexpr globals)
+_K_THRESHOLD, _K_RANDOM = tl.constexpr(SPARSIFY_THRESHOLD), tl.constexpr(SPARSIFY_RANDOM)
+_E_NONE, _E_SUM = tl.constexpr(ELECT_NONE), tl.constexpr(ELECT_SUM)
+_D_NONE, _D_WEIGHT, _D_COUNT, _D_CONST = (
+    tl.constexpr(DIVIDE_NONE), tl.constexpr(DIVIDE_WEIGHT), tl.constexpr(DIVIDE_COUNT), tl.constexpr(DIVIDE_CONST)
+)
+_R_DIVIDE, _R_MULTIPLY = tl.constexpr(RESCALE_DIVIDE), tl.constexpr(RESCALE_MULTIPLY)
 
 
 @triton.jit
@@ -104,7 +117,7 @@ def _sparsified_task_vector(
     SPARSIFY: tl.constexpr, HAS_UPPER: tl.constexpr, RESCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """τ̃ᵢ for one block (before the weight) of the elements ``block_start + lanes``."""
-    if SPARSIFY == 1:
+    if SPARSIFY == _K_THRESHOLD:
         a = tl.abs(tau)
         t = tl.load(thr_lo_ptr + i)
         keep = (a > t) | ((a == t) & (lanes <= _last_kept_lane(tl.load(cut_lo_ptr + i), block_start, BLOCK)))
@@ -113,14 +126,14 @@ def _sparsified_task_vector(
             outlier = (a > th) | ((a == th) & (lanes <= _last_kept_lane(tl.load(cut_hi_ptr + i), block_start, BLOCK)))
             keep = keep & ~outlier
         tau = tl.where(keep, tau, 0.0)
-    elif SPARSIFY == 2:
+    elif SPARSIFY == _K_RANDOM:
         key0 = tl.load(keys_ptr + 2 * i).to(tl.uint32)
         key1 = tl.load(keys_ptr + 2 * i + 1).to(tl.uint32)
         u = _uniform(lanes, block_start + element_offset, key0, key1)
         tau = tl.where(u < tl.load(density_ptr + i), tau, 0.0)
-    if RESCALE == 1:
+    if RESCALE == _R_DIVIDE:
         tau = tl.math.div_rn(tau, tl.full(tau.shape, 1.0, tl.float32) * tl.load(density_ptr + i))
-    elif RESCALE == 2:
+    elif RESCALE == _R_MULTIPLY:
         tau = tau * tl.load(scale_ptr + i)
     return tau
 
@@ -184,38 +197,38 @@ def _fused_merge_kernel(
             SPARSIFY, HAS_UPPER, RESCALE, BLOCK,
         )
         wt = tau * w
-        if ELECT == 0:
+        if ELECT == _E_NONE:
             pos += wt
-            if DIVIDE == 1:
+            if DIVIDE == _D_WEIGHT:
                 div_pos += w
-            elif DIVIDE == 2:
+            elif DIVIDE == _D_COUNT:
                 div_pos += (wt != 0).to(tl.float32)
         else:
-            if ELECT == 1:
+            if ELECT == _E_SUM:
                 total += wt
             else:
                 total += tl.where(wt > 0, 1.0, tl.where(wt < 0, -1.0, 0.0))
             pos += tl.where(wt > 0, wt, 0.0)
             neg += tl.where(wt < 0, wt, 0.0)
-            if DIVIDE == 1:
+            if DIVIDE == _D_WEIGHT:
                 div_pos += tl.where(wt > 0, w, 0.0)
                 div_neg += tl.where(wt < 0, w, 0.0)
-            elif DIVIDE == 2:
+            elif DIVIDE == _D_COUNT:
                 div_pos += (wt > 0).to(tl.float32)
                 div_neg += (wt < 0).to(tl.float32)
-    if ELECT == 0:
+    if ELECT == _E_NONE:
         merged = pos
         divisor = div_pos
-        if DIVIDE == 1:
+        if DIVIDE == _D_WEIGHT:
             divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
     else:
         plus = total >= 0  # a zero total elects +1
         merged = tl.where(plus, pos, neg)
         divisor = tl.where(plus, div_pos, div_neg)
         divisor = tl.where(divisor == 0, 1.0, divisor)
-    if DIVIDE == 3:
+    if DIVIDE == _D_CONST:
         merged = tl.math.div_rn(merged, zero + const_divisor)
-    elif DIVIDE != 0:
+    elif DIVIDE != _D_NONE:
         merged = tl.math.div_rn(merged, divisor)
     if HAS_BASE:
         merged = b + lam * merged
