@@ -45,7 +45,7 @@ def test_aot_discovery_finds_kernels_and_helpers():
 
 
 def test_aot_discovery_flags_an_untabled_kernel(tmp_path, monkeypatch):
-    kernels = tmp_path / "tritonmerge" / "kernels"
+    kernels = tmp_path / "tritonmerge" / "backends" / "triton"
     kernels.mkdir(parents=True)
     (kernels / "new.py").write_text(
         "import triton\n\n@triton.jit\ndef _helper(x):\n    return x\n\n"

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS_DIR = ROOT / "tritonmerge" / "kernels"
+KERNELS_DIR = ROOT / "tritonmerge" / "backends" / "triton"
 PACKAGE_DIR = ROOT / "tritonmerge"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "triton_aot.json"
 TRITON_ARCHS = (80, 90, 100)

@@ -23,19 +23,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` has no NaN/Inf. On CPU one fused read (backends/cpu/kernels) where compiled;
-    elsewhere a sum first (non-finite whenever an element is, ~10x cheaper than ``isfinite``),
-    and the elementwise check only when the sum is not finite (or overflowed)."""
-    if t.numel() == 0:
-        return True
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if backends.cpu_status() is None:
-            from .backends.cpu import kernels as cpu_kernels
-
-            return cpu_kernels.count_nonfinite(t) == 0
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
+    """True when ``t`` has no NaN/Inf: one fused read on the CPU where the C loops are compiled,
+    else ops/stats.all_finite (a sum first, the elementwise check only when it is not finite)."""
+    return backends.run_op("all_finite", t)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -123,17 +113,13 @@ def merge_one(
 
 
 def analyze(spec: MergeMethod, params: Any, source: TensorSource) -> ModelDecisions:
-    """The method's whole-model decisions; the summary names the backend each building block
-    of the analysis ran on (``analysis_backends``: op -> backend -> calls)."""
+    """The method's whole-model decisions; the summary names the backends each building block
+    of the analysis ran on (``analysis_backends``: op -> backends, this process's calls)."""
     decisions = ModelDecisions()
     if spec.needs_analysis(params):
-        before = backends.usage()
-        spec.run_analysis(params, source, decisions)
-        ran = {
-            op: {b: n - before.get(op, {}).get(b, 0) for b, n in counts.items() if n > before.get(op, {}).get(b, 0)}
-            for op, counts in backends.usage().items()
-        }
-        decisions.summary["analysis_backends"] = {op: counts for op, counts in ran.items() if counts}
+        with backends.recording() as ran:
+            spec.run_analysis(params, source, decisions)
+        decisions.summary["analysis_backends"] = {op: sorted(used) for op, used in sorted(ran.items())}
     return decisions
 
 

@@ -23,11 +23,12 @@ import time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -40,7 +41,7 @@ from ..registry import Implementation, MergeMethod
 
 __all__ = [
     "BACKENDS", "PRIORITY", "OPS", "choose", "cpu_status", "extension_status", "kernel_fault",
-    "dispatch", "merge_with_fallback", "method_backends", "op_backends", "requested_backend", "run_op",
+    "dispatch", "merge_with_fallback", "method_backends", "op_backends", "recording", "requested_backend", "run_op",
     "triton_status", "usage",
 ]
 
@@ -97,13 +98,23 @@ def _needs(device_type: str) -> Callable[..., list[str]]:
     return supports
 
 
-def _cpu_op(name: str) -> OpImpl:
+def _cpu_op(name: str, dtypes: tuple[torch.dtype, ...] | None = None) -> OpImpl:
+    """A building block of backends/cpu/merge.py; ``dtypes``: the only dtypes its tensor
+    arguments may have (None: it sends the others to the reference itself)."""
+
     def load():
         from .cpu import merge
 
         return getattr(merge, name)
 
-    return OpImpl(load, _needs("cpu"))
+    def supports(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
+        reasons = _needs("cpu")(device)
+        bad = {a.dtype for a in args if isinstance(a, torch.Tensor)} - set(dtypes or ())
+        if dtypes is not None and bad:
+            reasons.append(f"the C loop takes {', '.join(map(str, dtypes))}, got {', '.join(map(str, bad))}")
+        return reasons
+
+    return OpImpl(load, supports)
 
 
 def _triton_op(name: str) -> OpImpl:
@@ -157,12 +168,32 @@ OPS: dict[str, dict[str, OpImpl]] = {
         "cpu": _cpu_op("model_thresholds_cpu"),
         "torch": _reference("select", "model_thresholds_from_pairs"),
     },
-    "all_finite": {"cpu": _cpu_op("all_finite_cpu"), "torch": _reference("stats", "all_finite")},
+    "all_finite": {
+        "cpu": _cpu_op("all_finite_cpu", (torch.float32, torch.bfloat16, torch.float16)),
+        "torch": _reference("stats", "all_finite"),
+    },
     "wudi_solve": {"cuda": _wudi_cuda(), "torch": _reference("wudi_solve", "wudi_solve_batched")},
 }
 
 _usage: Counter[tuple[str, str]] = Counter()
 _usage_lock = threading.Lock()
+_recorders = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, set[str]]]:
+    """``with recording() as ran:`` collects op -> the backends that ran it, for the calls this
+    thread makes inside the block (another thread's calls, such as the input checks on the
+    prefetch thread, are not part of it)."""
+    ran: dict[str, set[str]] = {}
+    stack = getattr(_recorders, "stack", None)
+    if stack is None:
+        stack = _recorders.stack = []
+    stack.append(ran)
+    try:
+        yield ran
+    finally:
+        stack.pop()
 
 
 def usage() -> dict[str, dict[str, int]]:
@@ -239,6 +270,8 @@ def dispatch(
             continue
         with _usage_lock:
             _usage[(op, candidate)] += 1
+        for ran in getattr(_recorders, "stack", ()):
+            ran.setdefault(op, set()).add(candidate)
         return candidate, result
     raise AssertionError(f"{op}: the torch reference always takes a call")
 

@@ -7,6 +7,12 @@ Every member computes, per tensor, with τᵢ = expertᵢ − base in float32:
     mᵢ  = [sign(wᵢτ̃ᵢ) = elected sign]                 (consensus members only; else mᵢ = 1)
     out = base + λ · Σᵢ mᵢwᵢτ̃ᵢ / D                     (D = Σᵢ wᵢmᵢ, the count of agreeing entries, or 1)
 
+Each member *lowers* its parameters and the analysis decisions for one tensor into a
+``MergeSpec`` (``lower``: per expert a keep rule, a rescale rule and a weight; for the tensor
+the election, the divisor, λ and the output dtype); the torch reference (``merge_by_spec``),
+the fused C loops and the Triton kernel execute that value and know no method names. Adding a
+member is its parameter model and one ``_register`` call (docs/contributing.md).
+
 Names and defaults follow the papers; mergekit's semantics are reachable through parameters
 (``topk_scope="tensor"``, ``rescale="l1"``, ``normalize``), and the config loader maps mergekit
 YAML onto them. References: Ilharco et al. 2023 (task arithmetic), Yadav et al. 2023 (TIES),
@@ -184,6 +190,7 @@ def merge_family(
 
 
 def merge_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: LinearParams, ctx: TensorContext) -> torch.Tensor:
+    """``linear``'s torch reference."""
     return merge_by_spec(lower_linear(p, base, len(experts)), base, experts)
 
 

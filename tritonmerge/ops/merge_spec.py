@@ -109,7 +109,7 @@ class MergeSpec:
         return {e.keep for e in self.experts}
 
 
-def _uniform(rule: ExpertRule, numel: int, offset: int, device: torch.device) -> torch.Tensor:
+def _uniforms_of(rule: ExpertRule, numel: int, offset: int, device: torch.device) -> torch.Tensor:
     index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     return (rng.hash_indices(index, *rule.keys) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
@@ -141,7 +141,7 @@ def kept_task_vector(tau: torch.Tensor, rule: ExpertRule, element_offset: int = 
     else:
         if rule.keep == Keep.RANKED_RANDOM:
             prob = ranked_keep_prob(tau, rule.density, rule.epsilon)
-        mask = _uniform(rule, tau.numel(), element_offset, tau.device).view(tau.shape) < prob
+        mask = _uniforms_of(rule, tau.numel(), element_offset, tau.device).view(tau.shape) < prob
     masked = torch.where(mask, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
     if rule.rescale == "none":
         return masked
