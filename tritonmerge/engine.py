@@ -859,24 +859,45 @@ def _make_parents(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+@dataclass
+class _Run:
+    """One process's share of a merge in progress: what its analysis pass and merge pass read
+    and fill in."""
+
+    plan: MergePlan
+    device: torch.device
+    manifest: Manifest
+    say: Callable[[str], None]
+    ranks: Ranks = field(default_factory=lambda: SINGLE)
+    resumed_shards: int = 0
+    reader: TensorReader = field(init=False)
+    report: MergeReport = field(init=False)
+    result: MergeResult = field(init=False)
+    decisions: ModelDecisions = field(default_factory=ModelDecisions)
+    checked: set[str] = field(default_factory=set)  # tensors whose NaN/Inf check is done
+
+    def __post_init__(self) -> None:
+        self.reader = TensorReader(pin_memory=self.device.type == "cuda")
+        self.report = MergeReport(method=self.plan.config.spec.name)
+        self.result = MergeResult(
+            out_dir=self.plan.out_dir, plan=self.plan, report=self.report, resumed_shards=self.resumed_shards
+        )
+
+
 def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable[[str], None]) -> MergeResult:
     options, tmp = plan.options, plan.tmp_dir
     manifest, done_shards = _prepare_partial(plan, state, say)
-
-    report = MergeReport(method=plan.config.spec.name)
-    reader = TensorReader(pin_memory=device.type == "cuda")
+    run = _Run(plan, device, manifest, say, resumed_shards=len(done_shards))
+    result = run.result
     t0 = time.perf_counter()
-    result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done_shards))
     try:
         try:
-            checked: set[str] = set()
-            decisions = _analysis_pass(plan, reader, device, checked, say)
-            report.decisions = decisions
-            _merge_pass(plan, reader, device, decisions, report, manifest, done_shards, result, checked)
+            _analysis_pass(run)
+            _merge_pass(run, skip_shards=done_shards)
         finally:
-            reader.close()
+            run.reader.close()
         result.seconds = time.perf_counter() - t0
-        _finalize(plan, decisions, manifest)
+        _finalize(plan, run.decisions, manifest)
         commit(tmp, plan.out_dir, overwrite=options.overwrite or options.force_overwrite)
     except BaseException as exc:
         note = _keep_or_discard_partial(plan, manifest, exc)
@@ -928,32 +949,26 @@ def _keep_or_discard_partial(plan: MergePlan, manifest: Manifest, exc: BaseExcep
     return "no shard was finished, so nothing was kept"
 
 
-def _analysis_pass(
-    plan: MergePlan,
-    reader: TensorReader,
-    device: torch.device,
-    checked: set[str],
-    say: Callable[[str], None],
-    ranks: Ranks = SINGLE,
-    local: set[str] | None = None,
-) -> ModelDecisions:
+def _analysis_pass(run: _Run, local: set[str] | None = None) -> None:
     """The method's whole-model analysis over a streaming source (this rank's ``local`` tensors
-    in a distributed merge); tensors it reads whole are added to ``checked`` (NaN/Inf)."""
+    in a distributed merge) into ``run.decisions``; tensors it reads whole are added to
+    ``run.checked`` (NaN/Inf)."""
+    plan, ranks = run.plan, run.ranks
     if not plan.needs_analysis:
-        return ModelDecisions()
+        return
     from .api import analyze
 
     on = f" on {ranks.world} rank(s)" if ranks.distributed else ""
-    say(f"analysis pass over {len(plan.names)} tensors{on} ...")
-    source = StreamingSource(plan, reader, device, checked, ranks=ranks, local=local)
+    run.say(f"analysis pass over {len(plan.names)} tensors{on} ...")
+    source = StreamingSource(plan, run.reader, run.device, run.checked, ranks=ranks, local=local)
     try:
         try:
-            decisions = analyze(plan.config.spec, plan.analysis_params, source)
+            run.decisions = analyze(plan.config.spec, plan.analysis_params, source)
         except BaseException:
             source.settle(failed=True)  # a NaN/Inf input is the error to report
             raise
         source.settle()
-        return decisions
+        run.report.decisions = run.decisions
     finally:
         source.close()
 
@@ -964,30 +979,20 @@ def _units_left(plan: MergePlan, done_shards: set[str]) -> list[WorkUnit]:
     return [u for u in plan.units if u.name not in skip_names]
 
 
-def _merge_pass(
-    plan: MergePlan,
-    reader: TensorReader,
-    device: torch.device,
-    decisions: ModelDecisions,
-    report: MergeReport,
-    manifest: Manifest,
-    done_shards: set[str],
-    result: MergeResult,
-    checked: set[str] | None = None,
-    progress: Any = None,
-) -> None:
-    """Merge and write every shard not in ``done_shards`` (finished, or another rank's).
+def _merge_pass(run: _Run, skip_shards: set[str], progress: Any = None) -> None:
+    """Merge and write every shard not in ``skip_shards`` (finished, or another rank's).
     ``progress`` (with update(bytes)) replaces the process's own bar; its caller closes it."""
+    plan, device, report, result, decisions = run.plan, run.device, run.report, run.result, run.decisions
     opts = plan.options
-    units = _units_left(plan, done_shards)
+    units = _units_left(plan, skip_shards)
     total = sum(u.in_bytes for u in units)
     own_bar = progress is None
     bar = _progress(total, opts.quiet) if own_bar else progress
     writer = ShardedWriter(
         plan.tmp_dir,
         plan.shards,
-        manifest,
-        skip=done_shards,
+        run.manifest,
+        skip=skip_shards,
         max_pending_bytes=plan.writer_budget,
         asynchronous=opts.async_write,
         shard_extra=lambda shard: {
@@ -996,10 +1001,10 @@ def _merge_pass(
     )
     spec = plan.config.spec
     batches = _batches(plan, units, device)
-    check = _InputCheck(plan, checked, device)
+    check = _InputCheck(plan, run.checked, device)
     prefetch = Prefetcher(
         [u for batch in batches for u in batch],
-        load=lambda u: _read_unit(plan, reader, u, check),
+        load=lambda u: _read_unit(plan, run.reader, u, check),
         cost=lambda u: u.in_bytes,
         budget_bytes=plan.prefetch_budget,
         enabled=opts.prefetch,
@@ -1369,17 +1374,14 @@ def _ranks_merge(
     if leader and done:
         say(f"resuming on {ranks.world} rank(s)")
 
-    report = MergeReport(method=plan.config.spec.name)
-    reader = TensorReader(pin_memory=device.type == "cuda")
-    result = MergeResult(out_dir=plan.out_dir, plan=plan, report=report, resumed_shards=len(done))
+    run = _Run(plan, device, manifest, say, ranks=ranks, resumed_shards=len(done))
+    result = run.result
     t0 = time.perf_counter()
     try:
-        checked: set[str] = set()
-        decisions = _analysis_pass(plan, reader, device, checked, say, ranks, analysed_here)
-        report.decisions = decisions
+        _analysis_pass(run, local=analysed_here)
         progress = _RankProgress(plan, ranks, sum(u.in_bytes for u in _units_left(plan, done)))
         try:
-            _merge_pass(plan, reader, device, decisions, report, manifest, not_here, result, checked, progress)
+            _merge_pass(run, skip_shards=not_here, progress=progress)
             if not leader:
                 progress.close()
             # 3. finalize: rank 0 collects every rank's shard records (waiting for all of them)
@@ -1391,7 +1393,7 @@ def _ranks_merge(
             raise type(exc)(f"{exc}; {_ranks_partial_note(plan, exc)}") from None
         raise
     finally:
-        reader.close()
+        run.reader.close()
     result.seconds = time.perf_counter() - t0
     result.bytes_read = sum(p[1] for p in parts)
     result.bytes_written = sum(p[2] for p in parts)
@@ -1400,7 +1402,7 @@ def _ranks_merge(
             manifest.shards.update(shards)
         manifest.absorb_rank_files()
         shutil.rmtree(tmp / PROGRESS_DIR, ignore_errors=True)
-        _finalize(plan, decisions, manifest)
+        _finalize(plan, run.decisions, manifest)
         commit(tmp, plan.out_dir, overwrite=plan.options.overwrite or plan.options.force_overwrite)
     return result
 
