@@ -96,7 +96,8 @@ def test_mergekit_rescale_and_normalize(models, method, given, rescale, disjoint
 def test_task_arithmetic_accepts_mergekit_noops(models):
     c = load_config(cfg(models, "task_arithmetic", parameters={"lambda": 0.7, "rescale": False, "int8_mask": True}))
     p = c.resolve("x", 0)
-    assert p == {"lambda": 0.7}
+    # int8_mask is declared by the family, as in mergekit (validated, no effect on the result)
+    assert p == {"lambda": 0.7, "int8_mask": True}
 
 
 def test_gradient_and_filters_per_model(models):

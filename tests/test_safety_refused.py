@@ -79,7 +79,7 @@ CONFIG_CASES = {
     "unknown_top_level_key": (lambda c: c.update(merge_methd="ties"), ["unknown config key 'merge_methd'", "did you mean 'merge_method'"]),
     "unknown_parameter": (lambda c: c["parameters"].update(densty=0.5), ["unknown parameter 'densty'", "did you mean 'density'"]),
     "unknown_model_key": (lambda c: c["models"][0].update(paramters={}), ["did you mean 'parameters'"]),
-    "mergekit_only_method": (lambda c: c.update(merge_method="sce"), ["'sce' is a mergekit method that tritonmerge does not implement"]),
+    "method_needs_base": (lambda c: c.update(merge_method="sce", base_model=None), ["sce merges task vectors and needs base_model"]),
     "unknown_method": (lambda c: c.update(merge_method="tiess"), ["did you mean 'ties'"]),
 }
 

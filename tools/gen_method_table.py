@@ -92,7 +92,7 @@ def parameter_lines(spec: Any) -> list[str]:
 
 def render() -> str:
     """The whole Markdown table for every registered method, sorted by name."""
-    from tritonmerge.registry import method_table
+    from tritonmerge.catalog import method_table  # importing the catalog registers every method
 
     out = [
         "| Method | What it does | Experts | Parameters (default, allowed values) |",

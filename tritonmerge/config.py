@@ -55,12 +55,11 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat_template is not supported; the base model's tokenizer files are copied as they are",
 }
 
-# mergekit 0.1.5's methods that tritonmerge does not implement: named as such, so a user is not
-# told "did you mean 'slerp'?" for a method that exists, just not here
-MERGEKIT_ONLY_METHODS = (
-    "arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce",
-)
-# mergekit options that change memory use only, never the result
+# mergekit's methods that tritonmerge does not implement (none of 0.1.5's): named as such, so a
+# user is not told "did you mean 'slerp'?" for a method that exists, just not here
+MERGEKIT_ONLY_METHODS: tuple[str, ...] = ()
+# mergekit options that change memory use only, never the result: dropped for the methods that
+# do not declare them (the task-arithmetic family and sce declare int8_mask, as mergekit does)
 _IGNORED_MERGEKIT_PARAMS = {"int8_mask"}
 
 
@@ -97,6 +96,9 @@ class MergeConfig:
     tokenizer_source: str = "base"
     raw: dict[str, Any] = field(default_factory=dict)
     source_path: Path | None = None  # the YAML file it was read from, if any
+    # False: the config names no base_model and ``base`` is the first model, a stand-in that
+    # the method does not merge as a base
+    base_given: bool = True
     # user-facing parameter names -> True if per-model
     _per_model: dict[str, bool] = field(default_factory=dict)
     _literal_lists: set[str] = field(default_factory=set)
@@ -185,7 +187,7 @@ class MergeConfig:
 
     def _apply_mergekit(self, p: dict[str, Any]) -> dict[str, Any]:
         sem = self.mergekit_semantics
-        for key in _IGNORED_MERGEKIT_PARAMS:
+        for key in _IGNORED_MERGEKIT_PARAMS - self._known_fields():
             p.pop(key, None)
         if sem is None:
             return p
@@ -214,7 +216,9 @@ class MergeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config (absolute paths), in mergekit's schema."""
-        d: dict[str, Any] = {"merge_method": self.merge_method, "base_model": str(self.base.path)}
+        d: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_given:
+            d["base_model"] = str(self.base.path)
         d["models"] = [
             {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
         ]
@@ -453,18 +457,28 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
         entries.append(ModelEntry(name, path, dict(params)))
 
     base_ref = raw.get("base_model")
-    uses_base = spec.name != "linear"
+    role = spec.base_role
     if base_ref is None:
-        if uses_base:
+        if role == "required":
             raise ConfigError(f"{method_name} merges task vectors and needs base_model: PATH")
         base = ModelEntry(entries[0].name, entries[0].path)
+        experts = list(entries)
     else:
         bname, bpath = resolve_model_path(base_ref, cdir, "base_model")
         base = ModelEntry(bname, bpath)
-    # mergekit lets the base appear in `models`; task-vector methods leave it out of the experts
-    experts = [e for e in entries if not (uses_base and e.path == base.path)]
+        listed = any(e.path == base.path for e in entries)
+        if role == "input":
+            # mergekit adds an unlisted base model after the listed ones, as one more input
+            experts = entries + ([] if listed else [base])
+        elif role == "unused":
+            experts = list(entries)
+        else:
+            # mergekit lets the base appear in `models`; methods with a base leave it out of the experts
+            experts = [e for e in entries if e.path != base.path]
     if not experts:
         raise ConfigError(f"{method_name}: no models to merge besides the base model {base.name!r}")
+    if not spec.modifier:
+        _check_input_count(spec, experts, base_ref is not None)
 
     tok = raw.get("tokenizer_source")
     if tok not in (None, "base"):
@@ -483,8 +497,11 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
         out_dtype=out_dtype,
         tokenizer_source="base",
         raw=raw,
+        base_given=base_ref is not None,
     )
     _classify_params(cfg)
+    _base_origin(cfg)
+    _check_required(cfg)
     # catch bad values now (scalars and gradient ends); the engine validates every tensor
     for t in (0.0, 1.0):
         validate_resolved(cfg, cfg.resolve("", t), "")
@@ -528,13 +545,56 @@ def _classify_params(cfg: MergeConfig) -> None:
                 )
     if "rescale" in mergekit_extra and "rescale" not in allowed:
         per_model["rescale"] = False  # resolved, then dropped by _apply_mergekit
-    for k in _IGNORED_MERGEKIT_PARAMS:
+    for k in _IGNORED_MERGEKIT_PARAMS - allowed:
         per_model.pop(k, None)
     cfg._per_model = per_model
     cfg._literal_lists = literal
     # mergekit's density default is 1.0 (keep everything), ours is method-specific
     if sem is not None and "density" in per_model:
         cfg._defaults["density"] = 1.0
+
+
+def _check_input_count(spec: MergeMethod, experts: list[ModelEntry], base_given: bool) -> None:
+    """mergekit's input contract of the method: how many models it merges, in one line."""
+    lo, hi, n = spec.min_experts, spec.max_experts, len(experts)
+    if lo <= n and (hi is None or n <= hi):
+        return
+    need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+    if spec.base_role == "input":
+        raise ConfigError(
+            f"{spec.name} takes {need} input model(s), the base model counting as one when given; the config gives {n}"
+        )
+    if spec.base_role == "optional" and base_given:
+        raise ConfigError(
+            f"{spec.name} needs {need} model(s) besides the base model, which cannot be one of them; the config gives {n}"
+        )
+    besides = " besides the base model" if spec.base_role == "required" else ""
+    raise ConfigError(f"{spec.name} needs {need} model(s){besides}; the config gives {n}")
+
+
+def _base_origin(cfg: MergeConfig) -> None:
+    """An optional-base method merges raw weights when the config names no base model."""
+    if cfg.spec.base_role != "optional" or "origin" not in cfg._per_model:
+        return
+    if not cfg.base_given:
+        if cfg.parameters.get("origin", "zero") != "zero":
+            raise ConfigError(
+                f"{cfg.merge_method}: origin {cfg.parameters['origin']!r} needs base_model: PATH; without one the "
+                f"models are merged as raw weights (origin: zero)"
+            )
+        cfg._defaults["origin"] = "zero"
+
+
+def _check_required(cfg: MergeConfig) -> None:
+    """Parameters mergekit gives no default must be set, here as there (the API defaults them
+    to None and the method says so)."""
+    for model in _param_models(cfg.spec, cfg.parameters):
+        for pname in getattr(model, "config_required", ()):
+            if pname not in cfg.parameters and not any(pname in m.parameters for m in cfg.experts):
+                where = "for every model or in the global parameters" if cfg._per_model.get(pname) else "in parameters"
+                raise ConfigError(
+                    f"{cfg.merge_method}: parameter {pname!r} is required (mergekit gives it no default); set it {where}"
+                )
 
 
 def validate_resolved(cfg: MergeConfig, params: dict[str, Any], tensor_name: str) -> Any:

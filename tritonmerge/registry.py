@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -45,6 +45,11 @@ class MergeMethod:
     min_experts: int = 1
     max_experts: int | None = None
     stochastic: bool = False
+    # What a config's ``base_model`` is to the method (mergekit's input contracts): "required",
+    # the origin of the task vectors; "optional", the origin when given, else the experts are
+    # merged as raw weights (the method's ``origin`` parameter, which the config loader sets);
+    # "input", one more input model like the listed ones; "unused", never read (linear).
+    base_role: Literal["required", "optional", "input", "unused"] = "required"
     # modifiers (tadrop, lwptv) wrap the method named by their ``merge_method`` parameter
     modifier: bool = False
     # True when the merge of a row chunk only needs that chunk (given the analysis decisions)

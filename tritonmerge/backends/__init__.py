@@ -37,6 +37,9 @@ from .status import BACKENDS, PRIORITY, extension_status, kernel_fault, requeste
 from .status import cpu_status as _cpu_compiled
 from ..context import TensorContext
 from ..errors import BackendUnavailableError
+from ..ops import select as reference_select
+from ..ops import stats as reference_stats
+from ..ops import wudi_solve as reference_wudi
 from ..registry import Implementation, MergeMethod
 
 __all__ = [
@@ -117,27 +120,24 @@ def _cpu_op(name: str, dtypes: tuple[torch.dtype, ...] | None = None) -> OpImpl:
     return OpImpl(load, supports)
 
 
-def _triton_op(name: str) -> OpImpl:
+def _triton_op(op: str) -> OpImpl:
+    """Building block ``op`` of backends/triton/merge.py (``<op>_triton``)."""
+
     def load():
         from .triton import merge
 
-        return getattr(merge, name)
+        return getattr(merge, f"{op}_triton")
 
     def supports(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
         from .triton import merge
 
-        return _needs("cuda")(device) + merge.op_reasons(name, *args, **kwargs)
+        return _needs("cuda")(device) + merge.op_reasons(op, *args, **kwargs)
 
     return OpImpl(load, supports)
 
 
-def _reference(module: str, name: str) -> OpImpl:
-    def load():
-        import importlib
-
-        return getattr(importlib.import_module(f"tritonmerge.ops.{module}"), name)
-
-    return OpImpl(load, _always)
+def _reference(fn: Callable[..., Any]) -> OpImpl:
+    return OpImpl(lambda: fn, _always)
 
 
 def _wudi_cuda() -> OpImpl:
@@ -157,22 +157,22 @@ def _wudi_cuda() -> OpImpl:
 # op -> backend -> implementation. The torch entries are the references in ops/.
 OPS: dict[str, dict[str, OpImpl]] = {
     "task_vector_stats": {
-        "triton": _triton_op("task_vector_stats_triton"),
+        "triton": _triton_op("task_vector_stats"),
         "cpu": _cpu_op("task_vector_stats_cpu"),
-        "torch": _reference("stats", "task_vector_stats_reference"),
+        "torch": _reference(reference_stats.task_vector_stats_reference),
     },
-    "kth_largest": {"triton": _triton_op("kth_largest_triton"), "torch": _reference("select", "kth_largest")},
-    "topk_mask": {"triton": _triton_op("topk_mask_triton"), "torch": _reference("select", "topk_mask")},
+    "kth_largest": {"triton": _triton_op("kth_largest"), "torch": _reference(reference_select.kth_largest)},
+    "topk_mask": {"triton": _triton_op("topk_mask"), "torch": _reference(reference_select.topk_mask)},
     "model_thresholds": {
-        "triton": _triton_op("model_thresholds_triton"),
+        "triton": _triton_op("model_thresholds"),
         "cpu": _cpu_op("model_thresholds_cpu"),
-        "torch": _reference("select", "model_thresholds_from_pairs"),
+        "torch": _reference(reference_select.model_thresholds_from_pairs),
     },
     "all_finite": {
         "cpu": _cpu_op("all_finite_cpu", (torch.float32, torch.bfloat16, torch.float16)),
-        "torch": _reference("stats", "all_finite"),
+        "torch": _reference(reference_stats.all_finite),
     },
-    "wudi_solve": {"cuda": _wudi_cuda(), "torch": _reference("wudi_solve", "wudi_solve_batched")},
+    "wudi_solve": {"cuda": _wudi_cuda(), "torch": _reference(reference_wudi.wudi_solve_batched)},
 }
 
 _usage: Counter[tuple[str, str]] = Counter()

@@ -41,6 +41,12 @@ from ..params import MethodParams, PerModel, per_expert
 from ..registry import MergeMethod, register
 from ..source import TensorSource, count_combiner, local_names
 
+# mergekit builds the sign-consensus mask in int8 instead of the base dtype when asked; the
+# mask is compared to a boolean before use, so its results are the same either way, and so
+# are ours (no executor materialises such a mask)
+_INT8_MASK_DOC = "mergekit's memory option (its sign mask in int8); the result is the same either way"
+
+
 class LinearParams(MethodParams):
     weight: PerModel(1.0, "weight wᵢ of expert i")
     normalize: bool = Field(True, description="divide by Σᵢ wᵢ (a weighted mean); false gives Σᵢ wᵢ·expertᵢ")
@@ -50,6 +56,7 @@ class TaskArithmeticParams(MethodParams):
     weight: PerModel(1.0, "weight wᵢ of expert i's task vector")
     lambda_: float = Field(1.0, alias="lambda", description="scale λ of the merged task vector")
     normalize: bool = Field(False, description="divide the weighted sum of task vectors by Σᵢ wᵢ")
+    int8_mask: bool = Field(False, description=_INT8_MASK_DOC)
 
 
 class MagnitudeParams(TaskArithmeticParams):
@@ -277,6 +284,7 @@ linear = register(
         merge_tensor=merge_linear,
         reference="Wortsman et al. 2022 (model soups)",
         chunkable=lambda p: True,
+        base_role="unused",
     )
 )
 _register_executors(linear, lambda base, experts, p, ctx: lower_linear(p, base, len(experts)))
@@ -334,4 +342,66 @@ _register(
     DellaParams,
     Family("della", False, mergekit_defaults=(False, False, True)),
     "DELLA's MagPrune drops followed by task arithmetic.",
+)
+
+
+class SceParams(MethodParams):
+    select_topk: float = Field(
+        1.0, ge=0, le=1, description="fraction of entries kept: those whose task vectors vary most across the experts"
+    )
+    int8_mask: bool = Field(False, description=_INT8_MASK_DOC)
+
+
+def merge_sce(base: torch.Tensor, experts: Sequence[torch.Tensor], p: SceParams, ctx: TensorContext) -> torch.Tensor:
+    """SCE (Wan et al. 2024, arXiv 2408.07990) with mergekit 0.1.5's per-tensor semantics
+    (arcee-ai/mergekit merge_methods/sce.py):
+
+        select:    keep the ⌊k·nnz(v)⌋ entries of largest v = Var_i(τᵢ) (population variance
+                   across experts, the same entries for every expert; none when that is 0)
+        calculate: wᵢ = mean(τ̃ᵢ²) / Σⱼ mean(τ̃ⱼ²)  (1/n each when the sum is below 1e-6)
+        erase:     mᵢ = [sign τ̃ᵢ = sign Σⱼ τ̃ⱼ]    (the sum's sign, 0 counted as +; unweighted)
+        out      = base + Σᵢ mᵢwᵢτ̃ᵢ / max(Σᵢ mᵢwᵢ, 1e-6)
+
+    It is not a ``MergeSpec``: the selection is one mask shared by all experts, decided by their
+    joint variance, not a keep rule of each expert's own task vector; the weights are measured
+    from the selected task vectors; and the sign is elected on the unweighted sum. So it runs
+    here in torch (float32, float64 for float64 inputs), with torch.topk's choice among ties as
+    in mergekit, and the fused executors never see it."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(dtype)
+    tvs = torch.stack([e.to(dtype) - b for e in experts], dim=0)
+    if p.select_topk < 1:
+        tvs = tvs * _sce_selection(tvs, p.select_topk).unsqueeze(0)
+    agree = tvs.sign() == ((tvs.sum(dim=0) >= 0).to(dtype) * 2 - 1)
+    energy = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    weights = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    weights = weights.view(-1, *([1] * (tvs.dim() - 1)))
+    kept = weights * agree
+    return b + (tvs * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
+
+
+def _sce_selection(tvs: torch.Tensor, fraction: float) -> torch.Tensor:
+    """1 at the ⌊fraction·(non-zero variances)⌋ entries of largest variance across experts."""
+    if fraction <= 0:
+        return torch.zeros_like(tvs[0])
+    var = torch.var(tvs, dim=0, unbiased=False)
+    # mergekit rounds through a float32 product of the count and the fraction: so do we
+    k = int(torch.count_nonzero(var) * fraction)
+    mask = torch.zeros_like(var)
+    if k == 0:
+        return mask
+    _, top = torch.topk(var.abs().view(-1), k=k, largest=True)
+    mask.view(-1)[top] = 1
+    return mask
+
+
+register(
+    MergeMethod(
+        name="sce",
+        params=SceParams,
+        doc="SCE: keep the entries that vary most across experts, weight experts by their energy, erase sign conflicts.",
+        merge_tensor=merge_sce,
+        reference="arcee-ai/mergekit 0.1.5 merge_methods/sce.py; Wan et al. 2024 (arXiv 2408.07990)",
+    )
 )

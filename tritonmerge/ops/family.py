@@ -1,6 +1,7 @@
-"""What tells the members of the task-arithmetic family apart, shared by every executor of the
-family (the torch reference in methods/task_arithmetic.py, the fused C loops in cpu_merge.py and
-the Triton kernel in fused_merge.py) and by the config loader.
+"""What tells the members of the task-arithmetic family apart: their sparsifier, whether they
+elect signs, and mergekit's defaults for the method of the same name. The family's lowering
+(methods/task_arithmetic.lower) reads it to build each tensor's merge spec, and the config
+loader for mergekit's defaults; the executors never see it (they see the spec).
 
 Each registered member carries its ``Family`` (``MergeMethod.family``): the list of members is
 the registry, never a copy. Adding a member whose sparsifier exists already is one ``_register``

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .. import self_check
-from ...ops.merge_spec import Keep, MergeSpec, Rescale
+from ...ops.merge_spec import Divide, Elect, Keep, MergeSpec, Rescale
 from . import kernels as ck
 
 # id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
@@ -71,7 +71,10 @@ def _tensor_reasons(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list
     return reasons
 
 
+# what merge_cpu.c implements; a spec with anything else goes to the torch reference
 SUPPORTED_KEEPS = {Keep.ALL, Keep.NONE, Keep.THRESHOLD, Keep.TOPK, Keep.RANDOM}
+SUPPORTED_ELECTIONS = {Elect.NONE, Elect.SUM, Elect.COUNT}
+SUPPORTED_DIVISORS = {Divide.NONE, Divide.WEIGHT, Divide.COUNT, Divide.CONSTANT}
 _WHY_NOT = {Keep.RANKED_RANDOM: " (DELLA's rank-based keep probabilities need a per-row sort)"}
 
 
@@ -80,6 +83,10 @@ def merge_cpu_reasons(spec: MergeSpec, base: torch.Tensor, experts: Sequence[tor
     reasons = _tensor_reasons(base, experts)
     for keep in sorted(spec.keeps - SUPPORTED_KEEPS):
         reasons.append(f"keep rule {keep.name} is not implemented in the fused CPU loops" + _WHY_NOT.get(keep, ""))
+    if spec.elect not in SUPPORTED_ELECTIONS:
+        reasons.append(f"sign election {spec.elect.name} is not implemented in the fused CPU loops")
+    if spec.divide not in SUPPORTED_DIVISORS:
+        reasons.append(f"divisor {spec.divide.name} is not implemented in the fused CPU loops")
     if any(rule.keep == Keep.TOPK and rule.outliers for rule in spec.experts):
         reasons.append("removing the largest entries (breadcrumbs) is not implemented in the fused CPU loops")
     return reasons

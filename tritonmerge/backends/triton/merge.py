@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ...ops.merge_spec import Keep, MergeSpec
+from ...ops.merge_spec import Divide, Elect, Keep, MergeSpec
 
 MAX_EXPERTS = 16  # the kernel loop is dynamic; this is the range the tests cover
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,7 +45,10 @@ def _dtype_reasons(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[
     return reasons
 
 
+# what the fused merge kernel implements; a spec with anything else goes to the torch reference
 SUPPORTED_KEEPS = {Keep.ALL, Keep.NONE, Keep.THRESHOLD, Keep.TOPK, Keep.RANDOM}
+SUPPORTED_ELECTIONS = {Elect.NONE, Elect.SUM, Elect.COUNT}
+SUPPORTED_DIVISORS = {Divide.NONE, Divide.WEIGHT, Divide.COUNT, Divide.CONSTANT}
 _WHY_NOT = {Keep.RANKED_RANDOM: " (DELLA's keep probabilities rank |τ| within each row: a sort)"}
 
 
@@ -62,6 +65,10 @@ def merge_triton_reasons(spec: MergeSpec, base: torch.Tensor, experts: Sequence[
         reasons.append("one launch applies one kind of mask; this spec mixes random and threshold masks")
     if len({rule.rescale for rule in spec.experts if rule.masked}) > 1:
         reasons.append("one launch applies one rescale rule; this spec mixes them")
+    if spec.elect not in SUPPORTED_ELECTIONS:
+        reasons.append(f"sign election {spec.elect.name} is not implemented in the Triton merge")
+    if spec.divide not in SUPPORTED_DIVISORS:
+        reasons.append(f"divisor {spec.divide.name} is not implemented in the Triton merge")
     return reasons
 
 

@@ -1,0 +1,162 @@
+"""Parity with mergekit 0.1.5 itself, on disk: the same YAML merged by ``mergekit-yaml`` (from
+its own virtualenv, /work/venv-mergekit, made by benchmarks/e2e/setup_mergekit.sh) and by
+``python -m tritonmerge merge``, every output tensor compared in units in the last place of
+float32 (``dtype: float32``: both tools compute in float32 and round nowhere else).
+
+Skipped, with the reason, where that virtualenv does not exist. The checkpoints are tiny (a
+two-layer llama of width 16, about 40 KB a model) so that all mergekit merges run in one
+process in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tritonmerge.synthetic import make_llama_checkpoints
+
+from _checkpoints import load_folder
+
+MERGEKIT_PYTHON = Path(os.environ.get("TRITONMERGE_MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python"))
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not MERGEKIT_PYTHON.exists(),
+    reason=f"mergekit's virtualenv is not there ({MERGEKIT_PYTHON}); make it with benchmarks/e2e/setup_mergekit.sh",
+)
+
+# (method, global parameters, per-model parameters, with base_model, number of experts)
+CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]] | None, bool, int]] = {
+    "passthrough": ("passthrough", {}, None, False, 1),
+    "passthrough_scale": ("passthrough", {}, [{"scale": [{"filter": "mlp", "value": 0.5}, {"value": 2.0}]}], False, 1),
+    "nuslerp": ("nuslerp", {}, [{"weight": 0.3}, {"weight": 0.7}], False, 2),
+    "nuslerp_base_rows": (
+        "nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, [{"weight": 1.0}, {"weight": 2.0}], True, 2,
+    ),
+    "nuslerp_base_cols": ("nuslerp", {"nuslerp_flatten": False}, [{"weight": 2.0}, {"weight": 1.0}], True, 2),
+    "multislerp": ("multislerp", {}, [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}], False, 3),
+    "multislerp_base": (
+        "multislerp", {"normalize_weights": False}, [{"weight": 0.5}, {"weight": 0.25}, {"weight": 0.25}], True, 3,
+    ),
+    "karcher": ("karcher", {}, None, False, 3),
+    "karcher_base": ("karcher", {"max_iter": 20, "tol": 1e-6}, None, True, 2),
+    "sce": ("sce", {}, None, True, 3),
+    "sce_topk": ("sce", {"select_topk": 0.3, "int8_mask": True}, None, True, 3),
+    "nearswap": ("nearswap", {"t": 0.01}, None, True, 1),
+    "arcee_fusion": ("arcee_fusion", {}, None, True, 1),
+    "ram": ("ram", {"epsilon": 0.005}, None, True, 3),
+    "ramplus_tl": ("ramplus_tl", {"r": 0.5, "alpha": 0.3, "epsilon": 0.005}, None, True, 3),
+    "ties_int8_mask": ("ties", {"density": 0.5, "int8_mask": True}, [{"weight": 0.6}, {"weight": 0.4}, {"weight": 1.0}], True, 3),
+}
+
+_MERGEKIT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from mergekit.scripts.run_yaml import main
+    results = {}
+    for config, out in json.loads(sys.argv[1]):
+        try:
+            main.main(args=[config, out, "--quiet"], standalone_mode=False)
+            results[out] = "ok"
+        except BaseException as exc:  # one failing method must not hide the others
+            results[out] = f"{type(exc).__name__}: {exc}"
+    print("RESULTS " + json.dumps(results))
+    """
+)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Most representable float32 values between corresponding entries (0: same bits, ±0 equal)."""
+    def ordered(x: torch.Tensor) -> torch.Tensor:
+        i = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    if a.numel() == 0:
+        return 0
+    return int((ordered(a) - ordered(b)).abs().max())
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory) -> dict[str, Any]:
+    """Per case: (mergekit's output tensors or its error, ours or our error); under "inputs"
+    the base's and the experts' tensors."""
+    root = tmp_path_factory.mktemp("parity")
+    base, experts = make_llama_checkpoints(
+        root / "models", hidden_size=16, intermediate_size=24, num_layers=2, vocab_size=64, num_experts=3,
+        dtype=torch.float32, seed=3, shard_size_bytes=None,
+    )
+    jobs = []
+    for case, (method, params, per_model, with_base, n) in CASES.items():
+        models = []
+        for i, e in enumerate(experts[:n]):
+            entry: dict[str, Any] = {"model": str(e)}
+            if per_model:
+                entry["parameters"] = per_model[i]
+            models.append(entry)
+        cfg: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
+        if with_base:
+            cfg["base_model"] = str(base)
+        if params:
+            cfg["parameters"] = params
+        path = root / f"{case}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        jobs.append((case, path, root / f"mergekit_{case}", root / f"ours_{case}"))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(p), str(m)] for _, p, m, _ in jobs])],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, f"mergekit did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    theirs_status = json.loads(lines[-1][len("RESULTS "):])
+
+    results = {"inputs": [load_folder(m) for m in (base, *experts)]}
+    for case, path, mk_out, our_out in jobs:
+        ours = subprocess.run(
+            [sys.executable, "-m", "tritonmerge", "merge", str(path), str(our_out), "--quiet"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=root,
+        )
+        mine: Any = load_folder(our_out) if ours.returncode == 0 else (ours.stderr.strip() or ours.stdout.strip())
+        status = theirs_status.get(str(mk_out), "not run")
+        theirs: Any = load_folder(mk_out) if status == "ok" else status
+        results[case] = (theirs, mine)
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_match_mergekit_within_one_ulp(merged, case):
+    theirs, ours = merged[case]
+    assert not isinstance(theirs, str), f"mergekit failed on {case}: {theirs}"
+    assert not isinstance(ours, str), f"tritonmerge failed on {case}: {ours}"
+    assert set(ours) == set(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:5]}"
+    worst = {}
+    for name in sorted(theirs):
+        assert ours[name].shape == theirs[name].shape, name
+        assert ours[name].dtype == theirs[name].dtype == torch.float32, name
+        worst[name] = ulp_distance(ours[name], theirs[name])
+    if case != "passthrough":  # a merge that returned one of its inputs would prove little
+        for model in merged["inputs"]:
+            assert any(not torch.equal(theirs[n], model[n]) for n in theirs), f"{case}: the output is an input model"
+    # for the report: the largest difference of each case
+    print(f"{case}: max {max(worst.values())} ulp over {len(worst)} tensors")
+    bad = {n: d for n, d in worst.items() if d > 1}
+    assert not bad, f"{case}: tensors beyond 1 ulp of mergekit's: {bad}"
+
+
+def test_ulp_distance_counts_representable_steps():
+    one = torch.tensor([1.0])
+    assert ulp_distance(one, one) == 0
+    assert ulp_distance(one, torch.nextafter(one, torch.tensor([2.0]))) == 1
+    assert ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])) == 0
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    assert ulp_distance(tiny, -tiny) == 2 * int(tiny.view(torch.int32))
