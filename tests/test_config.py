@@ -53,8 +53,8 @@ def test_tensor_t():
     assert tensor_t("model.layers.0.mlp.up_proj.weight", 4) == 0.0
     assert tensor_t("model.layers.2.mlp.up_proj.weight", 5) == 0.5
     assert tensor_t("model.layers.3.mlp.up_proj.weight", 4) == 1.0
-    assert tensor_t("model.norm.weight", 4) == 1.0
-    assert tensor_t("lm_head.weight", 4) == 1.0
+    assert tensor_t("model.norm.weight", 4) == 0.0  # mergekit's post weights read gradients at t = 0
+    assert tensor_t("lm_head.weight", 4) == 0.0
 
 
 def test_ties_gets_mergekit_semantics(models):
@@ -182,3 +182,48 @@ def test_to_yaml_round_trips(models):
     c = load_config(cfg(models, "ties", parameters={"lambda": 0.9}, model_parameters=({"density": 0.4}, None)))
     again = load_config(c.to_yaml())
     assert again.resolve("x", 0) == c.resolve("x", 0)
+
+
+def slices_cfg(models, method="ties", **extra):
+    d = {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "slices": [
+            {"sources": [{"model": str(models[n]), "layer_range": [0, 2]} for n in ("base", "e1", "e2")]},
+        ],
+        "parameters": {"lambda": 1.0},
+    }
+    d.update(extra)
+    return d
+
+
+def test_slices_roles_and_parameters(models):
+    d = slices_cfg(models)
+    d["slices"][0]["parameters"] = {"density": 0.3}
+    d["slices"][0]["sources"][1]["parameters"] = {"weight": [0.0, 1.0]}
+    c = load_config(d)
+    assert c.slices is not None and [m.path for m in c.slices[0].experts] == [models["e1"], models["e2"]]
+    p = c.resolve("x", 0.5, slice_index=0)
+    assert p["density"] == [0.3, 0.3] and p["weight"] == [0.5, 1.0]
+    again = load_config(c.to_yaml())
+    assert again.resolve("x", 0.5, slice_index=0) == p
+
+
+@pytest.mark.parametrize(
+    "mutate,pattern",
+    [
+        (lambda d: d["slices"][0]["sources"][1].update(layer_range=[0, 3]), r"same number of layers"),
+        (lambda d: d["slices"][0]["sources"].pop(0), r"base model .* must be one of the slice's sources"),
+        (lambda d: d["slices"][0]["sources"][1].update(layer_range=[2, 1]), r"layer_range"),
+        (lambda d: d["slices"][0]["sources"][2].update(model=d["slices"][0]["sources"][1]["model"]), r"appears twice"),
+        (lambda d: d.update(models=[]), r"either `models` or `slices`"),
+        (lambda d: d.update(merge_method="tadrop", parameters={"merge_method": "ties"}), r"not supported with `slices`"),
+        (lambda d: d["slices"][0].update(residual_weight=0.5), r"residual_weight"),
+        (lambda d: d["slices"][0].update(parameters={"bogus": 1}), r"unknown parameter 'bogus' in slices\[0\]"),
+    ],
+)
+def test_slices_config_errors(models, mutate, pattern):
+    d = slices_cfg(models)
+    mutate(d)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(d)

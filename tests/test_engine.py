@@ -586,3 +586,33 @@ def test_wudi_layers_of_a_shard_are_solved_in_batches(tmp_path, monkeypatch):
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def _slices(base, experts, lo, hi):
+    return [{"sources": [{"model": str(m), "layer_range": [lo, hi]} for m in (base, *experts)]}]
+
+
+def test_slices_refuse_whole_model_analysis_and_bad_ranges(tmp_path, tiny):
+    """A slices merge has no whole model to analyse (TIES model scope), and a layer range must lie
+    within the model; both are refused before anything is written."""
+    base, experts = tiny
+    n = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+    cfg = {"merge_method": "ties", "base_model": str(base), "slices": _slices(base, experts, 0, n),
+           "parameters": {"density": 0.3, "topk_scope": "model"}}
+    with pytest.raises(ConfigError, match="whole-model analysis.*slices"):
+        run_merge(cfg, tmp_path / "out", MergeOptions(**QUIET))
+    cfg = {"merge_method": "ties", "base_model": str(base), "slices": _slices(base, experts, 0, n + 1), "parameters": {"density": 0.3}}
+    with pytest.raises(ConfigError, match="goes past"):
+        run_merge(cfg, tmp_path / "out", MergeOptions(**QUIET))
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_range_slice_equals_models_config(tmp_path, tiny):
+    """One slice over every layer of every model is the `models` merge, tensor for tensor."""
+    base, experts = tiny
+    n = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+    common = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.4}}
+    run_merge({**common, "models": [{"model": str(e)} for e in experts]}, tmp_path / "a", MergeOptions(**QUIET))
+    run_merge({**common, "slices": _slices(base, experts, 0, n)}, tmp_path / "b", MergeOptions(**QUIET))
+    a, b = load_folder(tmp_path / "a"), load_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -55,6 +55,8 @@ CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]] | None, bool, i
     "arcee_fusion": ("arcee_fusion", {}, None, True, 1),
     "ram": ("ram", {"epsilon": 0.005}, None, True, 3),
     "ramplus_tl": ("ramplus_tl", {"r": 0.5, "alpha": 0.3, "epsilon": 0.005}, None, True, 3),
+    # a gradient over the layers: the embeddings, final norm and lm_head take its t = 0 value
+    "linear_gradient": ("linear", {}, [{"weight": [0.2, 0.8]}, {"weight": 1.0}], False, 2),
     "ties_int8_mask": ("ties", {"density": 0.5, "int8_mask": True}, [{"weight": 0.6}, {"weight": 0.4}, {"weight": 1.0}], True, 3),
 }
 
@@ -111,6 +113,14 @@ def merged(tmp_path_factory) -> dict[str, Any]:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         jobs.append((case, path, root / f"mergekit_{case}", root / f"ours_{case}"))
 
+    results = {"inputs": [load_folder(m) for m in (base, *experts)]}
+    results.update(run_both(root, jobs, load_folder))
+    return results
+
+
+def run_both(root: Path, jobs: list[tuple[str, Path, Path, Path]], read) -> dict[str, tuple[Any, Any]]:
+    """case -> (mergekit's output, ours), each read by ``read`` or the error text: every YAML of
+    ``jobs`` through mergekit-yaml (one process of its virtualenv) and ``tritonmerge merge``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run(
         [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(p), str(m)] for _, p, m, _ in jobs])],
@@ -119,17 +129,15 @@ def merged(tmp_path_factory) -> dict[str, Any]:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, f"mergekit did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     theirs_status = json.loads(lines[-1][len("RESULTS "):])
-
-    results = {"inputs": [load_folder(m) for m in (base, *experts)]}
+    results: dict[str, tuple[Any, Any]] = {}
     for case, path, mk_out, our_out in jobs:
         ours = subprocess.run(
             [sys.executable, "-m", "tritonmerge", "merge", str(path), str(our_out), "--quiet"],
             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=root,
         )
-        mine: Any = load_folder(our_out) if ours.returncode == 0 else (ours.stderr.strip() or ours.stdout.strip())
+        mine: Any = read(our_out) if ours.returncode == 0 else (ours.stderr.strip() or ours.stdout.strip())
         status = theirs_status.get(str(mk_out), "not run")
-        theirs: Any = load_folder(mk_out) if status == "ok" else status
-        results[case] = (theirs, mine)
+        results[case] = (read(mk_out) if status == "ok" else status, mine)
     return results
 
 
@@ -160,3 +168,82 @@ def test_ulp_distance_counts_representable_steps():
     assert ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])) == 0
     tiny = torch.tensor([torch.finfo(torch.float32).tiny])
     assert ulp_distance(tiny, -tiny) == 2 * int(tiny.view(torch.int32))
+
+
+# `slices:` configs over four-layer models A and B (and the base): name -> (method, global
+# parameters, base_model given, slices as [(parameters or None, [(model, layer_range, parameters or None)])]);
+# "base", "A", "B" name the models
+SLICE_CASES: dict[str, tuple[str, dict[str, Any], bool, list]] = {
+    # layers [0, 2) of A then [1, 3) of B: output layers renumbered 0..3
+    "slices_frankenmerge": ("passthrough", {}, False, [(None, [("A", [0, 2], None)]), (None, [("B", [1, 3], None)])]),
+    # a gradient over a three-layer slice (t = 0, 0.5, 1) against a scalar, different ranges per model
+    "slices_linear": ("linear", {}, False, [(None, [("A", [0, 3], {"weight": [0.2, 0.8]}), ("B", [1, 4], {"weight": 0.5})])]),
+    # per-slice parameters overriding the global density, per-source weights and gradients
+    "slices_ties": (
+        "ties", {"density": 0.6}, True,
+        [
+            ({"density": 0.4}, [("base", [0, 2], None), ("A", [0, 2], {"weight": [1.0, 0.3]}), ("B", [2, 4], {"weight": 0.5})]),
+            ({"density": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}]},
+             [("base", [2, 4], None), ("A", [2, 4], {"weight": 0.7}), ("B", [0, 2], {"weight": [0.2, 0.9]})]),
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def merged_slices(tmp_path_factory) -> dict[str, Any]:
+    """Per slices case: (mergekit's output tensors and config.json, or its error; ours alike)."""
+    root = tmp_path_factory.mktemp("parity_slices")
+    base, experts = make_llama_checkpoints(
+        root / "models", hidden_size=16, intermediate_size=24, num_layers=4, vocab_size=64, num_experts=2,
+        dtype=torch.float32, seed=5, shard_size_bytes=None,
+    )
+    paths = {"base": str(base), "A": str(experts[0]), "B": str(experts[1])}
+    jobs = []
+    for case, (method, params, with_base, slices) in SLICE_CASES.items():
+        out_slices = []
+        for sparams, sources in slices:
+            srcs = [
+                {"model": paths[m], "layer_range": r, **({"parameters": p} if p else {})} for m, r, p in sources
+            ]
+            out_slices.append({"sources": srcs, **({"parameters": sparams} if sparams else {})})
+        cfg: dict[str, Any] = {"merge_method": method, "slices": out_slices, "dtype": "float32"}
+        if with_base:
+            cfg["base_model"] = paths["base"]
+        if params:
+            cfg["parameters"] = params
+        path = root / f"{case}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        jobs.append((case, path, root / f"mergekit_{case}", root / f"ours_{case}"))
+
+    def read(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_folder(folder), json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+    return run_both(root, jobs, read)
+
+
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_slices_match_mergekit_exactly(merged_slices, case):
+    theirs, ours = merged_slices[case]
+    assert not isinstance(theirs, str), f"mergekit failed on {case}: {theirs}"
+    assert not isinstance(ours, str), f"tritonmerge failed on {case}: {ours}"
+    (t_tensors, t_config), (o_tensors, o_config) = theirs, ours
+    assert set(o_tensors) == set(t_tensors), f"tensor names differ: {sorted(set(o_tensors) ^ set(t_tensors))[:5]}"
+    assert o_config["num_hidden_layers"] == t_config["num_hidden_layers"]
+    worst = {}
+    for name in sorted(t_tensors):
+        assert o_tensors[name].shape == t_tensors[name].shape, name
+        assert o_tensors[name].dtype == t_tensors[name].dtype == torch.float32, name
+        worst[name] = ulp_distance(o_tensors[name], t_tensors[name])
+    print(f"{case}: max {max(worst.values())} ulp over {len(worst)} tensors, {o_config['num_hidden_layers']} layers")
+    bad = {n: d for n, d in worst.items() if d > 0}
+    assert not bad, f"{case}: tensors differing from mergekit's: {bad}"
+
+
+def test_frankenmerge_renumbers_layers(merged_slices):
+    """Layers [0, 2) of A then [1, 3) of B: output layers 0, 1 are A's 0, 1 and 2, 3 are B's 1, 2."""
+    _, ours = merged_slices["slices_frankenmerge"]
+    assert not isinstance(ours, str), ours
+    tensors, config = ours
+    assert config["num_hidden_layers"] == 4
+    assert sorted({int(n.split(".")[2]) for n in tensors if ".layers." in n}) == [0, 1, 2, 3]

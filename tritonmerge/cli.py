@@ -1,4 +1,5 @@
-"""Command line: ``tritonmerge merge CONFIG.yml OUT_DIR``, ``tritonmerge demo [DIR]``, ``tritonmerge info``.
+"""Command line: ``tritonmerge merge CONFIG.yml OUT_DIR``, ``tritonmerge demo [DIR]``, ``tritonmerge info``,
+``tritonmerge mergekit-yaml CONFIG OUT [mergekit options]``.
 
 A ``TritonMergeError`` is printed as one line (``tritonmerge: error: ...``) with exit code 2 and
 no traceback; anything else is a bug and keeps its traceback.
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
     sub.add_parser("info", help="versions, devices and which backends can run here (and why not)")
+    sub.add_parser(
+        "mergekit-yaml",
+        help="run mergekit's own mergekit-yaml (CONFIG OUT [its options]) with tritonmerge's methods "
+        "registered in it, under tritonmerge_<name> and (unless --no-override) in place of mergekit's own; needs "
+        "mergekit in this Python",
+        add_help=False,
+    )
     return p
 
 
@@ -74,8 +82,11 @@ def _tune_malloc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tritonmerge`` console script; returns the exit code."""
-    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mergekit-yaml"]:
+        # every option after it is mergekit's (click parses them), so argparse never sees them
+        return _mergekit_yaml(argv[1:])
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -109,6 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
+
+
+def _mergekit_yaml(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="tritonmerge: %(message)s")
+    try:
+        from .integrations.mergekit import run_mergekit_yaml
+
+        # --no-override is ours (mergekit has no option of that name): only tritonmerge_<name>
+        override = "--no-override" not in argv
+        return run_mergekit_yaml([a for a in argv if a != "--no-override"], override=override)
+    except TritonMergeError as exc:
+        print(f"tritonmerge: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def one_line(text: str) -> str:

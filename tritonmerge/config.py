@@ -2,11 +2,12 @@
 
 Accepted keys: ``merge_method``, ``base_model``, ``models`` (each ``model`` plus optional
 ``parameters``), ``parameters`` (global), ``dtype`` (inputs are cast to it before merging),
-``out_dtype`` (default: ``dtype``, else each tensor's stored dtype), ``tokenizer_source: base``.
+``out_dtype`` (default: ``dtype``, else each tensor's stored dtype), ``tokenizer_source: base``,
+and ``slices`` in place of ``models`` (``_build_slices``, ``slice_tensor_map``; docs/mergekit.md).
 
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated over the layer
-index, ``t = layer / (n_layers - 1)``; tensors outside the layers take t = 0 for embeddings and
-t = 1 otherwise, as in mergekit), or a *filter list* ``[{filter: substring, value: ...}, ...]``
+index, ``t = layer / (n_layers - 1)``; tensors outside the layers take t = 0, as in mergekit),
+or a *filter list* ``[{filter: substring, value: ...}, ...]``
 where the first entry whose ``filter`` is a substring of the tensor name wins and ``"*"`` or a
 missing filter matches everything. Per-model values take precedence over global ones.
 
@@ -24,12 +25,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
 
-from .errors import ConfigError, TritonMergeError, UnknownMethodError
+from .errors import CheckpointError, ConfigError, TritonMergeError, UnknownMethodError
 from .params import MethodParams, param_names
 from .catalog import get_method
 from .registry import MergeMethod
@@ -47,9 +48,8 @@ DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
 }
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices (frankenmerges) are not supported; list whole models under `models`",
     "modules": "multi-module configs are not supported; list whole models under `models`",
     "tokenizer": "tokenizer surgery is not supported; the output uses the base model's tokenizer",
     "chat_template": "chat_template is not supported; the base model's tokenizer files are copied as they are",
@@ -82,6 +82,23 @@ class ModelEntry:
 
 
 @dataclass
+class SliceDef:
+    """One output slice: its sources' layer ranges (all the same length) and the roles the
+    method sees, decided per slice as mergekit does (a slice may name its own base_model)."""
+
+    sources: list[tuple[ModelEntry, tuple[int, int]]]
+    base: ModelEntry
+    experts: list[ModelEntry]  # each with its source's parameters
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_given: bool = True
+
+    @property
+    def n_layers(self) -> int:
+        a, b = self.sources[0][1]
+        return b - a
+
+
+@dataclass
 class MergeConfig:
     """A validated merge configuration. ``resolve(tensor_name, t)`` gives the parameters of one
     tensor (per-model values as one list entry per expert), ready for ``MergeMethod.validate``."""
@@ -101,6 +118,8 @@ class MergeConfig:
     base_given: bool = True
     # user-facing parameter names -> True if per-model
     _per_model: dict[str, bool] = field(default_factory=dict)
+    # a `slices:` config; then ``base``/``experts`` are those of the first slice
+    slices: list[SliceDef] | None = None
     _literal_lists: set[str] = field(default_factory=set)
     _defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -141,40 +160,53 @@ class MergeConfig:
 
     # -- resolution --------------------------------------------------------------------------
 
-    def resolve(self, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
-        """Parameters for one tensor at relative depth ``t`` in [0, 1]."""
+    def resolve(
+        self,
+        tensor_name: str = "",
+        t: float = 0.0,
+        slice_index: int | None = None,
+        input_names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Parameters for one tensor at relative depth ``t`` in [0, 1]. In a slices config,
+        ``slice_index`` picks the slice whose parameters and sources apply, and per-model values
+        are matched against each expert's input tensor name (``input_names``), as in mergekit."""
+        experts, scopes = self.experts, [self.parameters]
+        if slice_index is not None:
+            sl = self.slices[slice_index]
+            experts, scopes = sl.experts, [sl.parameters, self.parameters]
+        names = list(input_names) if input_names is not None else [tensor_name] * len(experts)
+
+        def first(chain: Sequence[Mapping[str, Any]], pname: str, name: str, literal: bool) -> Any:
+            for scope in chain:
+                if pname in scope:
+                    v = evaluate(scope[pname], name, t, literal)
+                    if v is not None:
+                        return v
+            return None
+
         out: dict[str, Any] = {}
         for pname, per_model in self._per_model.items():
             literal = pname in self._literal_lists
             if per_model:
-                values = []
-                any_set = False
-                for m in self.experts:
-                    v = evaluate(m.parameters[pname], tensor_name, t, literal) if pname in m.parameters else None
-                    if v is None and pname in self.parameters:
-                        v = evaluate(self.parameters[pname], tensor_name, t, literal)
-                    any_set = any_set or v is not None
-                    values.append(v)
-                if not any_set:
+                values = [first([m.parameters, *scopes], pname, n, literal) for m, n in zip(experts, names)]
+                if all(v is None for v in values):
                     if pname in self._defaults:
                         out[pname] = self._defaults[pname]
                     continue
                 default = self._defaults.get(pname, self._field_default(pname))
                 if any(v is None for v in values) and default is None:
-                    missing = [m.name for m, v in zip(self.experts, values) if v is None]
+                    missing = [m.name for m, v in zip(experts, values) if v is None]
                     raise ConfigError(
                         f"parameter {pname!r} has no value for model(s) {missing} at tensor {tensor_name!r}; "
                         f"set it for every model or in the global parameters"
                     )
                 out[pname] = [default if v is None else v for v in values]
-            elif pname in self.parameters:
-                v = evaluate(self.parameters[pname], tensor_name, t, literal)
+            else:
+                v = first(scopes, pname, tensor_name, literal)
                 if v is not None:
                     out[pname] = v
                 elif pname in self._defaults:
                     out[pname] = self._defaults[pname]
-            elif pname in self._defaults:
-                out[pname] = self._defaults[pname]
         return self._apply_mergekit(out)
 
     def _field_default(self, pname: str) -> Any:
@@ -217,11 +249,16 @@ class MergeConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config (absolute paths), in mergekit's schema."""
         d: dict[str, Any] = {"merge_method": self.merge_method}
-        if self.base_given:
-            d["base_model"] = str(self.base.path)
-        d["models"] = [
-            {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
-        ]
+        if self.slices is not None:
+            if self.raw.get("base_model") is not None:
+                d["base_model"] = str(self.base.path)
+            d["slices"] = [_slice_dict(sl) for sl in self.slices]
+        else:
+            if self.base_given:
+                d["base_model"] = str(self.base.path)
+            d["models"] = [
+                {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
+            ]
         if self.parameters:
             d["parameters"] = self.parameters
         if self.dtype is not None:
@@ -233,6 +270,20 @@ class MergeConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _slice_dict(sl: SliceDef) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "sources": [
+            {"model": str(m.path), "layer_range": list(r), **({"parameters": m.parameters} if m.parameters else {})}
+            for m, r in sl.sources
+        ]
+    }
+    if sl.base_given:
+        d["base_model"] = str(sl.base.path)
+    if sl.parameters:
+        d["parameters"] = sl.parameters
+    return d
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, literal_list: bool = False) -> Any:
@@ -267,14 +318,24 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _output_settings(raw: Mapping[str, Any]) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(dtype, out_dtype) of a config, after refusing a tokenizer source other than the base's."""
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise ConfigError(f"tokenizer_source: {tok!r} is not supported; only `base` (the base model's tokenizer is copied)")
+    dtype = dtype_from_name(raw.get("dtype"), "dtype")
+    return dtype, dtype_from_name(raw.get("out_dtype"), "out_dtype") or dtype
+
+
 def tensor_t(name: str, n_layers: int) -> float:
-    """Relative depth of a tensor for gradients: layer/(n_layers-1); embeddings 0, other
-    non-layer tensors (final norm, lm_head) 1 — mergekit's pre/post weights."""
+    """Relative depth of a tensor for gradients: layer/(n_layers-1); every tensor outside the
+    layers (embeddings, final norm, lm_head: mergekit's pre and post weights) 0, as mergekit
+    0.1.5's planner evaluates them (MergePlanner reads their parameters at t = 0)."""
     from .context import layer_index
 
     layer = layer_index(name)
     if layer is None:
-        return 0.0 if re.search(r"embed|wte|wpe|tok_embeddings", name) else 1.0
+        return 0.0
     if n_layers <= 1:
         return 1.0
     return min(max(layer / (n_layers - 1), 0.0), 1.0)
@@ -430,6 +491,8 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
         spec = get_method(method_name)
     except TritonMergeError as exc:
         raise ConfigError(f"merge_method: {exc}") from None
+    if "slices" in raw:
+        return _build_slices(raw, cdir, spec, method_name)
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models: give a non-empty list of `- model: PATH` entries")
@@ -480,12 +543,7 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
     if not spec.modifier:
         _check_input_count(spec, experts, base_ref is not None)
 
-    tok = raw.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise ConfigError(f"tokenizer_source: {tok!r} is not supported; only `base` (the base model's tokenizer is copied)")
-
-    dtype = dtype_from_name(raw.get("dtype"), "dtype")
-    out_dtype = dtype_from_name(raw.get("out_dtype"), "out_dtype") or dtype
+    dtype, out_dtype = _output_settings(raw)
 
     cfg = MergeConfig(
         merge_method=method_name,
@@ -505,6 +563,107 @@ def _build(raw: dict[str, Any], cdir: Path | None) -> MergeConfig:
     # catch bad values now (scalars and gradient ends); the engine validates every tensor
     for t in (0.0, 1.0):
         validate_resolved(cfg, cfg.resolve("", t), "")
+    return cfg
+
+
+def _roles(spec: MergeMethod, method_name: str, entries: list[ModelEntry], base: ModelEntry | None, where: str) -> tuple[ModelEntry, list[ModelEntry]]:
+    """(base, experts) of one slice: mergekit gathers a slice's tensors from its sources only,
+    so a base model the method merges must be one of them."""
+    role = spec.base_role
+    if base is None:
+        if role == "required":
+            raise ConfigError(f"{where}: {method_name} merges task vectors and needs base_model: PATH")
+        return ModelEntry(entries[0].name, entries[0].path), list(entries)
+    listed = any(e.path == base.path for e in entries)
+    if role == "unused":
+        # the method never reads it: stand in a source so the base input exists in each layer
+        return (base if listed else ModelEntry(entries[0].name, entries[0].path)), list(entries)
+    if not listed:
+        raise ConfigError(f"{where}: the base model {base.name!r} must be one of the slice's sources (mergekit reads a slice's tensors from its sources only)")
+    if role == "input":
+        return base, list(entries)
+    return base, [e for e in entries if e.path != base.path]
+
+
+def _build_slices(raw: dict[str, Any], cdir: Path | None, spec: MergeMethod, method_name: str) -> MergeConfig:
+    """A ``slices:`` config (mergekit's OutputSliceDefinition / InputSliceDefinition)."""
+    if "models" in raw:
+        raise ConfigError("give either `models` or `slices`, not both (as mergekit requires)")
+    if spec.modifier:
+        raise ConfigError(f"{method_name} runs a whole-model analysis, which is not supported with `slices`; list whole models under `models`")
+    slices_raw = raw.get("slices")
+    if not isinstance(slices_raw, list) or not slices_raw:
+        raise ConfigError("slices: give a non-empty list of `- sources: [{model: PATH, layer_range: [a, b]}]` entries")
+    global_params = raw.get("parameters") or {}
+    if not isinstance(global_params, dict):
+        raise ConfigError("parameters must be a mapping of parameter name -> value")
+    top_base = None
+    if raw.get("base_model") is not None:
+        bname, bpath = resolve_model_path(raw["base_model"], cdir, "base_model")
+        top_base = ModelEntry(bname, bpath)
+    slices: list[SliceDef] = []
+    for i, sl in enumerate(slices_raw):
+        where = f"slices[{i}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{where}: expected `sources:` with a non-empty list of `model` + `layer_range` entries")
+        extra = set(sl) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise ConfigError(f"{where}: unknown or unsupported key(s) {sorted(extra)}; allowed: sources, base_model, parameters")
+        sources: list[tuple[ModelEntry, tuple[int, int]]] = []
+        for j, src in enumerate(sl["sources"]):
+            w = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{w}: expected `model: PATH` and `layer_range: [a, b]`, got {src!r}")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(f"{w}: unknown key(s) {sorted(extra)}; allowed: model, layer_range, parameters")
+            lr = src["layer_range"]
+            if not (isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr) and 0 <= lr[0] < lr[1]):
+                raise ConfigError(f"{w}: layer_range must be [first, end) with 0 <= first < end, got {lr!r}")
+            name, path = resolve_model_path(src["model"], cdir, w)
+            params = src.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{w} ({name}): parameters must be a mapping")
+            if any(e.path == path for e, _ in sources):
+                raise ConfigError(f"{w}: model {name!r} appears twice in one slice; mergekit keys a slice's inputs by model")
+            sources.append((ModelEntry(name, path, dict(params)), (lr[0], lr[1])))
+        lengths = {b - a for _, (a, b) in sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"{where}: all sources of a slice must have the same number of layers, got {sorted(lengths)}")
+        sparams = sl.get("parameters") or {}
+        if not isinstance(sparams, dict):
+            raise ConfigError(f"{where}: parameters must be a mapping")
+        base = top_base
+        if sl.get("base_model") is not None:
+            bname, bpath = resolve_model_path(sl["base_model"], cdir, f"{where}.base_model")
+            base = ModelEntry(bname, bpath)
+        entries = [e for e, _ in sources]
+        sbase, experts = _roles(spec, method_name, entries, base, where)
+        _check_input_count(spec, experts, base is not None)
+        slices.append(SliceDef(sources, sbase, experts, dict(sparams), base is not None))
+    if len({len(s.experts) for s in slices}) != 1 or len({s.base_given for s in slices}) != 1:
+        raise ConfigError("every slice must give the method the same number of models, and a base model in all or none of them")
+
+    dtype, out_dtype = _output_settings(raw)
+    cfg = MergeConfig(
+        merge_method=method_name,
+        spec=spec,
+        base=slices[0].base,
+        experts=slices[0].experts,
+        parameters=dict(global_params),
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source="base",
+        raw=raw,
+        base_given=slices[0].base_given,
+        slices=slices,
+    )
+    _classify_params(cfg)
+    _base_origin(cfg)
+    _check_required(cfg)
+    for k in range(len(slices)):
+        for t in (0.0, 1.0):
+            validate_resolved(cfg, cfg.resolve("", t, slice_index=k), "")
     return cfg
 
 
@@ -529,7 +688,15 @@ def _classify_params(cfg: MergeConfig) -> None:
                 f"{cfg.merge_method}: unknown parameter {pname!r} in parameters{did_you_mean(pname, allowed)}; "
                 f"allowed: {', '.join(sorted(allowed))}"
             )
-    for m in cfg.experts:
+    for k, sl in enumerate(cfg.slices or ()):
+        for pname in sl.parameters:
+            if pname not in allowed and pname not in mergekit_extra:
+                raise ConfigError(
+                    f"{cfg.merge_method}: unknown parameter {pname!r} in slices[{k}].parameters{did_you_mean(pname, allowed)}; "
+                    f"allowed: {', '.join(sorted(allowed))}"
+                )
+    every = cfg.experts if cfg.slices is None else [m for sl in cfg.slices for m in sl.experts]
+    for m in every:
         for pname in m.parameters:
             if pname in mergekit_extra and pname not in allowed:
                 continue
@@ -590,7 +757,10 @@ def _check_required(cfg: MergeConfig) -> None:
     to None and the method says so)."""
     for model in _param_models(cfg.spec, cfg.parameters):
         for pname in getattr(model, "config_required", ()):
-            if pname not in cfg.parameters and not any(pname in m.parameters for m in cfg.experts):
+            scopes = [m.parameters for m in cfg.experts] + [
+                d for sl in cfg.slices or () for d in (sl.parameters, *(m.parameters for m in sl.experts))
+            ]
+            if pname not in cfg.parameters and not any(pname in d for d in scopes):
                 where = "for every model or in the global parameters" if cfg._per_model.get(pname) else "in parameters"
                 raise ConfigError(
                     f"{cfg.merge_method}: parameter {pname!r} is required (mergekit gives it no default); set it {where}"
@@ -605,3 +775,78 @@ def validate_resolved(cfg: MergeConfig, params: dict[str, Any], tensor_name: str
     except TritonMergeError as exc:
         where = f" (tensor {tensor_name!r})" if tensor_name else ""
         raise ConfigError(f"{exc}{where}") from None
+
+
+@dataclass
+class SliceTensor:
+    """Where one output tensor of a slices config comes from: the slice whose parameters apply,
+    the gradient position ``t`` and, for the base and each expert in order, (model path, input
+    tensor name)."""
+
+    slice_index: int
+    t: float
+    inputs: list[tuple[Path, str]]
+
+
+def slice_tensor_map(
+    cfg: MergeConfig, tensor_names: Mapping[Path, Sequence[str]], n_layers: Mapping[Path, int]
+) -> tuple[dict[str, SliceTensor], int]:
+    """mergekit's MergePlanner over one module: the first slice's models give the non-layer
+    tensors before the layers (embeddings), the last slice's those after (norm, lm_head), both
+    at t = 0; output layers are numbered on from 0 across slices, and within a slice of n layers
+    the j-th is at t = j / (n - 1) (t = 1 for a one-layer slice). Returns (output tensor ->
+    source, number of output layers)."""
+    from .context import _LAYER_RE
+
+    assert cfg.slices is not None
+    for k, sl in enumerate(cfg.slices):
+        for m, (a, b) in sl.sources:
+            if b > n_layers[m.path]:
+                raise ConfigError(f"slices[{k}]: layer_range [{a}, {b}] of {m.name!r} goes past its {n_layers[m.path]} layers")
+
+    def roles(sl: SliceDef) -> list[ModelEntry]:
+        return [sl.base, *sl.experts]
+
+    layouts: dict[Path, dict[int, list[tuple[str, tuple[int, int]]]]] = {}
+    pre: list[str] = []
+    post: list[str] = []
+    for path in {m.path for sl in cfg.slices for m, _ in sl.sources}:
+        layouts[path] = {}
+        for name in tensor_names[path]:
+            m = _LAYER_RE.search(name)
+            if m is not None:
+                layouts[path].setdefault(int(m.group(1)), []).append((name, m.span(1)))
+    for name in tensor_names[cfg.slices[0].sources[0][0].path]:
+        if _LAYER_RE.search(name) is None:
+            (pre if re.search(r"embed|wte|wpe|tok_embeddings", name) else post).append(name)
+
+    out: dict[str, SliceTensor] = {}
+
+    def plain(names: list[str], k: int) -> None:
+        sl = cfg.slices[k]
+        for name in names:
+            for e in roles(sl):
+                if name not in tensor_names[e.path]:
+                    raise CheckpointError(f"model {e.name!r} has no tensor {name!r} (needed by slices[{k}])")
+            out[name] = SliceTensor(k, 0.0, [(e.path, name) for e in roles(sl)])
+
+    plain(pre, 0)
+    layer_out = 0
+    for k, sl in enumerate(cfg.slices):
+        # a layer's tensors are those of the slice's first source; the others must match
+        lead, (a0, _) = sl.sources[0]
+        start = {e.path: r[0] for e, r in sl.sources}
+        n = sl.n_layers
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            for name, (s0, s1) in layouts[lead.path].get(a0 + j, []):
+                inputs = []
+                for e in roles(sl):
+                    src = f"{name[:s0]}{start[e.path] + j}{name[s1:]}"
+                    if src not in tensor_names[e.path]:
+                        raise CheckpointError(f"model {e.name!r} has no tensor {src!r} (needed by slices[{k}])")
+                    inputs.append((e.path, src))
+                out[f"{name[:s0]}{layer_out}{name[s1:]}"] = SliceTensor(k, t, inputs)
+            layer_out += 1
+    plain(post, len(cfg.slices) - 1)
+    return out, layer_out

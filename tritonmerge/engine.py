@@ -41,7 +41,7 @@ import torch
 
 from . import __version__, distributed
 from .api import all_finite, merge_one
-from .config import MergeConfig, load_config, tensor_t, validate_resolved
+from .config import MergeConfig, load_config, slice_tensor_map, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
 from .distributed import SINGLE, Ranks
 from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, OutputLockedError, TritonMergeError
@@ -304,10 +304,18 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    base, experts, notes = _open_models(cfg, out_dir)
-    n_layers = _n_layers(base)
-    params = _tensor_params(cfg, list(base.tensors), n_layers)
+    if cfg.slices is None:
+        base, experts, notes = _open_models(cfg, out_dir)
+        n_layers = _n_layers(base)
+        params = _tensor_params(cfg, list(base.tensors), n_layers)
+    else:
+        base, experts, notes, params, n_layers = _open_slices(cfg, out_dir)
     needs_analysis, analysis_params = _analysis_scope(cfg, params)
+    if needs_analysis and cfg.slices is not None:
+        raise ConfigError(
+            f"{cfg.merge_method} with these parameters runs a whole-model analysis, which is not supported with "
+            f"`slices`; list whole models under `models`"
+        )
     out_entries = {
         name: OutputEntry(name, info.shape, cfg.output_dtype(info.dtype)) for name, info in base.tensors.items()
     }
@@ -352,6 +360,46 @@ def _open_models(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list
         need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
         raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {n}")
     return base, experts, notes
+
+
+def _open_slices(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list[CheckpointIndex], list[str], dict[str, Any], int]:
+    """A slices config as a merge of whole models: one view per method input (base, then each
+    expert) whose tensors carry the output names and point at the input tensors the slices map
+    them to, so that the rest of the engine runs unchanged. Returns (base view, expert views,
+    notes, tensor -> validated params, number of output layers)."""
+    real: dict[Path, CheckpointIndex] = {}
+    # every role of a slice (its base too) is one of its sources: config._roles sees to that
+    for sl in cfg.slices:
+        for m, _ in sl.sources:
+            if m.path not in real:
+                real[m.path] = open_checkpoint(m.path, _label("model", m.name))
+    _check_inputs_untouched(out_dir, cfg, list(real.values()))
+    mapping, n_out = slice_tensor_map(cfg, {p: list(i.tensors) for p, i in real.items()}, {p: _n_layers(i) for p, i in real.items()})
+    n_roles = 1 + len(cfg.slices[0].experts)
+    views = []
+    for r in range(n_roles):
+        paths = list(dict.fromkeys(src.inputs[r][0] for src in mapping.values()))
+        names = ", ".join(real[p].label for p in paths)
+        views.append(
+            CheckpointIndex(
+                label=("base model" if r == 0 else f"model {r - 1}") + f" of the slices ({names})",
+                path=paths[0],
+                tensors={out: real[src.inputs[r][0]].tensors[src.inputs[r][1]] for out, src in mapping.items()},
+                files=[f for p in paths for f in real[p].files],
+                format=real[paths[0]].format,
+            )
+        )
+    base, experts = views[0], views[1:]
+    notes = _check_compatible(base, experts, list(base.tensors))
+    cache: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for name, src in mapping.items():
+        resolved = cfg.resolve(name, src.t, slice_index=src.slice_index, input_names=[n for _, n in src.inputs[1:]])
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = validate_resolved(cfg, resolved, name)
+        params[name] = cache[key]
+    return base, experts, notes, params, n_out
 
 
 def _tensor_params(cfg: MergeConfig, names: Sequence[str], n_layers: int) -> dict[str, Any]:
@@ -1147,7 +1195,12 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
     float_out = [e.dtype for e in plan.out_entries.values() if e.dtype.is_floating_point]
     torch_dtype = dtype_name(max(set(float_out), key=float_out.count)) if float_out else None
     base_folder = plan.base.folder
-    outfolder.write_config_json(out, plan.base.config(), torch_dtype)
+    base_config = plan.base.config()
+    if cfg.slices is not None and base_config is not None:
+        # mergekit sets the layer count of the stacked slices
+        base_config = dict(base_config)
+        base_config["num_hidden_layers"] = plan.n_layers
+    outfolder.write_config_json(out, base_config, torch_dtype)
     outfolder.copy_tokenizer_files(base_folder, out)
     params = _params_json(plan.analysis_params) if plan.analysis_params is not None else cfg.resolve()
     outfolder.write_model_card(
