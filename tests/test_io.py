@@ -122,7 +122,7 @@ def test_missing_shard_and_missing_index_entry(tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("5B") == 5  # mergekit counts bytes
+    assert parse_size("5B") == 5_000_000_000  # mergekit's parse_kmb: a bare B is a billion (its default "5B")
     assert parse_size("2GiB") == 2 << 30
     assert parse_size("1.5M") == 1_500_000
     assert parse_size(123) == 123

@@ -247,3 +247,18 @@ def test_frankenmerge_renumbers_layers(merged_slices):
     tensors, config = ours
     assert config["num_hidden_layers"] == 4
     assert sorted({int(n.split(".")[2]) for n in tensors if ".layers." in n}) == [0, 1, 2, 3]
+
+
+def test_shard_sizes_read_as_mergekit_reads_them():
+    """``--out-shard-size`` and friends: mergekit's counts (K, M and a bare B for billion) give
+    the same bytes here as mergekit's own parser."""
+    from tritonmerge.io.writer import parse_size
+
+    values = ["5B", "2B", "500M", "1K", "123"]
+    proc = subprocess.run(
+        [str(MERGEKIT_PYTHON), "-c", "import json, sys; from mergekit.common import parse_kmb; "
+         "print(json.dumps([parse_kmb(v) for v in json.loads(sys.argv[1])]))", json.dumps(values)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [parse_size(v) for v in values] == json.loads(proc.stdout)

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("config", metavar="CONFIG.yml", help="merge config (mergekit schema)")
     m.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; must not exist unless --overwrite/--resume)")
     m.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default: cpu)")
-    m.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    m.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB, or mergekit's counts 5B, 500M (5B = 5·10⁹ bytes) (default: 5GB)")
     m.add_argument("--disk-margin", default="64MiB", help="free space to leave on the output disk after the merge; a merge that would leave less is refused before it starts (default: 64MiB)")
     m.add_argument("--memory-budget", default="256MiB", help="input bytes (all models) per work unit before a tensor is merged in row chunks, where its method allows (default: 256MiB)")
     m.add_argument("--backend", default=None, help="auto | cuda | triton | cpu | torch (default: TRITONMERGE_BACKEND or auto)")

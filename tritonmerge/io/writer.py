@@ -69,14 +69,16 @@ class ShardPlan:
 
 
 def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``"5B"`` (bytes, like mergekit) / ``1000`` -> bytes."""
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``1000`` -> bytes. mergekit's counts are read as
+    mergekit reads them (``parse_kmb``): ``K``, ``M`` and a bare ``B`` are thousand, million and
+    *billion*, so ``--out-shard-size 5B`` (mergekit's default) means 5·10⁹ bytes, not five."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0 or (text == 0 and not allow_zero):
             raise ValueError(f"size {text!r} must be positive")
         return text
     s = str(text).strip().upper().replace(" ", "")
     units = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("TB", 10**12), ("GB", 10**9),
-             ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)]
+             ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 10**9)]
     for suffix, mult in units:
         if s.endswith(suffix):
             number = s[: -len(suffix)]
