@@ -80,9 +80,7 @@ def _validate_call(method: str, n_experts: int, params: dict[str, Any]) -> tuple
     p = spec.validate(params)
     _check_per_model_lengths(spec, p, n_experts)
     inner, _ = spec.innermost(p)
-    lo, hi = inner.min_experts, inner.max_experts
-    if n_experts < lo or (hi is not None and n_experts > hi):
-        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+    if need := inner.experts_wanted(n_experts):
         raise InputError(f"{inner.name} needs {need} expert(s) besides the base, got {n_experts}")
     return spec, p
 

@@ -723,10 +723,10 @@ def _classify_params(cfg: MergeConfig) -> None:
 
 def _check_input_count(spec: MergeMethod, experts: list[ModelEntry], base_given: bool) -> None:
     """mergekit's input contract of the method: how many models it merges, in one line."""
-    lo, hi, n = spec.min_experts, spec.max_experts, len(experts)
-    if lo <= n and (hi is None or n <= hi):
+    n = len(experts)
+    need = spec.experts_wanted(n)
+    if need is None:
         return
-    need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
     if spec.base_role == "input":
         raise ConfigError(
             f"{spec.name} takes {need} input model(s), the base model counting as one when given; the config gives {n}"

@@ -355,10 +355,8 @@ def _open_models(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list
     _check_inputs_untouched(out_dir, cfg, [base, *experts])
     notes = _check_compatible(base, experts, list(base.tensors))
     inner, _ = cfg.spec.innermost(validate_resolved(cfg, cfg.resolve("", 0.0), ""))
-    lo, hi, n = inner.min_experts, inner.max_experts, len(experts)
-    if n < lo or (hi is not None and n > hi):
-        need = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-        raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {n}")
+    if need := inner.experts_wanted(len(experts)):
+        raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {len(experts)}")
     return base, experts, notes
 
 

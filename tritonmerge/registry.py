@@ -99,6 +99,14 @@ class MergeMethod:
             return True
         return isinstance(params, Composite) and params.inner.needs_analysis(params.inner_params)
 
+    def experts_wanted(self, n: int) -> str | None:
+        """None when the method takes ``n`` experts, else how many it takes ("exactly 2",
+        "at least 1", "1 to 2"), for the caller's one-line error."""
+        lo, hi = self.min_experts, self.max_experts
+        if lo <= n and (hi is None or n <= hi):
+            return None
+        return f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+
     def implementation(self, backend: str) -> Implementation | None:
         return self.impls.get(backend)
 

@@ -218,10 +218,12 @@ def _op_reasons(op: str, backend: str, device: torch.device, args: tuple, kwargs
 
 
 def _self_check_device(backend: str, device: torch.device) -> torch.device:
+    """The device a backend's self-check is keyed by: the fused C loops run on the host."""
     return torch.device("cpu") if backend == "cpu" else device
 
 
-def _op_candidates(device: torch.device) -> tuple[str, ...]:
+def _candidates(device: torch.device) -> tuple[str, ...]:
+    """The backends auto selection tries for data on ``device``, best first."""
     if device.type == "cuda":
         return PRIORITY
     # the Triton interpreter runs CPU tensors only when asked for explicitly
@@ -252,7 +254,7 @@ def dispatch(
             raise BackendUnavailableError(f"backend {want!r} cannot run {op} on {device}: " + "; ".join(why))
         candidates: tuple[str, ...] = (want,)
     else:
-        candidates = _op_candidates(device)
+        candidates = _candidates(device)
     for candidate in candidates:
         if want == "auto" and _op_reasons(op, candidate, device, args, kwargs):
             if self_check.disabled(candidate, _self_check_device(candidate, device)):
@@ -285,11 +287,6 @@ def op_backends() -> dict[str, dict[str, str | None]]:
 # methods
 
 
-def _checked_device(backend: str, base: torch.Tensor) -> torch.device:
-    """The device a backend's self-check is keyed by: the fused C loops run on the host."""
-    return torch.device("cpu") if backend == "cpu" else base.device
-
-
 def _torch_impl(method: MergeMethod) -> Implementation:
     return Implementation("torch", method.merge_tensor, lambda *a: [])
 
@@ -305,17 +302,14 @@ def reasons_against(
     if why := _backend_status(backend):
         return [why]
     reasons = list(impl.supports(params, base, experts, ctx))
-    if not reasons and (why := self_check.failure(backend, _checked_device(backend, base))):
+    if not reasons and (why := self_check.failure(backend, _self_check_device(backend, base.device))):
         reasons.append(why)
     return reasons
 
 
 def auto_candidates(base: torch.Tensor) -> tuple[str, ...]:
     """The backends auto selection tries for ``base``, best first."""
-    if base.is_cuda:
-        return PRIORITY
-    # the Triton interpreter runs CPU tensors only when asked for explicitly
-    return tuple(b for b in PRIORITY if b not in ("cuda", "triton"))
+    return _candidates(base.device)
 
 
 def choose(
@@ -341,12 +335,12 @@ def choose(
         key = (method.name, candidate, str(base.dtype))
         if not why:
             for failed in failed_checks:
-                self_check.announce(failed, _checked_device(failed, base), f"the {candidate} backend")
+                self_check.announce(failed, _self_check_device(failed, base.device), f"the {candidate} backend")
             if key not in _logged:
                 _logged.add(key)
                 log.debug("%s: using the %s backend for %s tensors", method.name, candidate, base.dtype)
             return _torch_impl(method) if candidate == "torch" else method.impls[candidate]
-        if self_check.disabled(candidate, _checked_device(candidate, base)):
+        if self_check.disabled(candidate, _self_check_device(candidate, base.device)):
             failed_checks.append(candidate)
         if key not in _logged and base.is_cuda:
             _logged.add(key)
@@ -376,7 +370,7 @@ def merge_with_fallback(
             log.debug("%s backend raised on tensor %r", impl.backend, ctx.name, exc_info=True)
             self_check.disable(
                 impl.backend,
-                _checked_device(impl.backend, base),
+                _self_check_device(impl.backend, base.device),
                 f"{method.name} on tensor {ctx.name!r} ({tuple(base.shape)}, {base.dtype}): {type(exc).__name__}: {exc}",
             )
     raise AssertionError("every fast backend raised and the torch backend was never chosen")
