@@ -67,7 +67,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10", "xxhash>=3"],
         "triton": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["tritonmerge = tritonmerge.cli:main"]},

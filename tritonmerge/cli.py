@@ -17,6 +17,14 @@ from .errors import TritonMergeError
 
 EXIT_USAGE = 2
 
+# The OpenMP runtime that torch loads, and the fused CPU loops share, keeps idle workers spinning
+# for about a millisecond after every parallel region; between the per-tensor calls of a merge
+# that spinning takes the cores the reader and writer threads need (about 0.2 CPU-seconds of a
+# half-second 150M merge on two cores). A CLI process shortens it before torch is loaded, unless
+# the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT); ranks started by --nproc inherit it.
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__

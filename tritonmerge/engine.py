@@ -955,12 +955,23 @@ def _run_locked(plan: MergePlan, state: str, device: torch.device, say: Callable
     return result
 
 
+def _checksums() -> dict[str, Any]:
+    """The shard checksums, the one new shards get first: XXH64 from the fused CPU library (near
+    memory speed) where it loads, else SHA-256 (about 1.3 GB/s: a quarter of the CPU time of a
+    fast merge). Both verify on --resume whatever an earlier run recorded."""
+    from .backends.cpu import kernels as ck
+
+    if ck.status() is None:
+        return {ck.Xxh64.name: ck.Xxh64, "sha256": hashlib.sha256}
+    return {"sha256": hashlib.sha256}
+
+
 def _prepare_partial(plan: MergePlan, state: str, say: Callable[[str], None]) -> tuple[Manifest, set[str]]:
     """Check the disk, then make the partial folder ready: verified shards (of any earlier
     process, on --resume) kept in one manifest, everything else of an earlier run removed.
     Returns the manifest and the finished shards."""
     tmp = plan.tmp_dir
-    manifest = Manifest(tmp, plan.fingerprint)
+    manifest = Manifest(tmp, plan.fingerprint, checksums=_checksums())
     done_shards: set[str] = set()
     if state == "resume":
         done_shards = manifest.verified_shards(plan.shards)
@@ -1413,7 +1424,7 @@ def _ranks_merge(
 ) -> MergeResult:
     leader, tmp = ranks.leader, plan.tmp_dir
     if manifest is None:
-        manifest = Manifest(tmp, plan.fingerprint, rank=ranks.rank)
+        manifest = Manifest(tmp, plan.fingerprint, rank=ranks.rank, checksums=_checksums())
     costs = _shard_costs(plan)
     # the analysis covers every tensor (also those of finished shards); the merge what is left
     analysis_owner = distributed.deal(costs, ranks.world)

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -204,6 +204,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_tau_stats_gram.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     lib.tm_count_nonfinite.restype = ctypes.c_int64
+    lib.tm_xxh64_state_size.restype = ctypes.c_int64
+    lib.tm_xxh64_reset.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    lib.tm_xxh64_reset.restype = None
+    lib.tm_xxh64_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.tm_xxh64_update.restype = None
+    lib.tm_xxh64_digest.argtypes = [ctypes.c_void_p]
+    lib.tm_xxh64_digest.restype = ctypes.c_uint64
     for fn in (lib.tm_hist_high, lib.tm_hist_low, lib.tm_topk_select, lib.tm_merge, lib.tm_abs_sums):
         fn.restype = ctypes.c_int
 
@@ -515,3 +522,38 @@ def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:
     if count < 0:
         raise RuntimeError("fused CPU kernel count_nonfinite failed: invalid arguments")
     return int(count)
+
+
+class Xxh64:
+    """Streaming XXH64 (seed 0) with hashlib's interface (``update``, ``hexdigest``), for the
+    output writer's checksums. ``update`` takes any C-contiguous buffer and releases the GIL
+    (a ctypes call), so it overlaps the merge on another thread."""
+
+    name = "xxh64"
+
+    def __init__(self, data: Any = None) -> None:
+        lib = library()
+        self._lib = lib
+        self._state = ctypes.create_string_buffer(int(lib.tm_xxh64_state_size()))
+        lib.tm_xxh64_reset(self._state, 0)
+        if data is not None:
+            self.update(data)
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError("Xxh64.update takes a contiguous buffer")
+        n = view.nbytes
+        if n == 0:
+            return
+        if view.readonly:  # ctypes can address writable buffers only; bytes are small here
+            self._lib.tm_xxh64_update(self._state, ctypes.c_char_p(view.tobytes()), n)
+            return
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view.cast("B")))
+        self._lib.tm_xxh64_update(self._state, address, n)
+
+    def digest(self) -> bytes:
+        return int(self._lib.tm_xxh64_digest(self._state)).to_bytes(8, "big")
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()

@@ -1,6 +1,6 @@
 /*
  * Fused CPU loops for tritonmerge's task-arithmetic family (linear, task arithmetic, TIES,
- * magnitude, DARE), compiled on first use by tritonmerge/ops/cpu_kernels.py and called through
+ * magnitude, DARE), compiled on first use by tritonmerge/backends/cpu/kernels.py and called through
  * ctypes with raw pointers. Plain C11 + OpenMP; no torch or Python headers.
  *
  * The torch reference (tritonmerge/methods/task_arithmetic.py) is the specification. Every float
@@ -1606,4 +1606,122 @@ int tm_tau_stats_gram(const tm_args *a, double *stats, double *gram) {
     }
     free(partial);
     return failed ? TM_ENOMEM : TM_OK;
+}
+/*
+ * XXH64 (xxHash, 64-bit, by Yann Collet; written from the published algorithm description), as
+ * a streaming hash over the bytes of output shards. It is the writer's checksum for --resume:
+ * SHA-256 ran at about 1.3 GB/s on one core, a quarter of the whole merge's CPU time for
+ * task arithmetic; XXH64 runs near memory speed. The digest equals the reference
+ * implementation's for any split of the input into updates (tests/test_checksum.py).
+ */
+#define XXH_P1 0x9E3779B185EBCA87ULL
+#define XXH_P2 0xC2B2AE3D27D4EB4FULL
+#define XXH_P3 0x165667B19E3779F9ULL
+#define XXH_P4 0x85EBCA77C2B2AE63ULL
+#define XXH_P5 0x27D4EB2F165667C5ULL
+
+typedef struct {
+    uint64_t v[4];
+    uint64_t total;
+    uint64_t seed;
+    uint8_t mem[32];
+    uint32_t used;
+} tm_xxh64_state;
+
+static inline uint64_t xxh_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t xxh_read64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);  // little-endian hosts only, like the rest of this file
+    return v;
+}
+static inline uint32_t xxh_read32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline uint64_t xxh_round(uint64_t acc, uint64_t input) {
+    acc += input * XXH_P2;
+    acc = xxh_rotl(acc, 31);
+    return acc * XXH_P1;
+}
+static inline uint64_t xxh_merge_round(uint64_t acc, uint64_t val) {
+    acc ^= xxh_round(0, val);
+    return acc * XXH_P1 + XXH_P4;
+}
+
+int64_t tm_xxh64_state_size(void) { return (int64_t)sizeof(tm_xxh64_state); }
+
+void tm_xxh64_reset(tm_xxh64_state *s, uint64_t seed) {
+    memset(s, 0, sizeof(*s));
+    s->seed = seed;
+    s->v[0] = seed + XXH_P1 + XXH_P2;
+    s->v[1] = seed + XXH_P2;
+    s->v[2] = seed;
+    s->v[3] = seed - XXH_P1;
+}
+
+void tm_xxh64_update(tm_xxh64_state *s, const void *data, int64_t len) {
+    const uint8_t *p = (const uint8_t *)data;
+    const uint8_t *end = p + len;
+    if (len <= 0) return;
+    s->total += (uint64_t)len;
+    if (s->used + (uint64_t)len < 32) {
+        memcpy(s->mem + s->used, p, (size_t)len);
+        s->used += (uint32_t)len;
+        return;
+    }
+    if (s->used) {
+        uint32_t fill = 32 - s->used;
+        memcpy(s->mem + s->used, p, fill);
+        for (int i = 0; i < 4; i++) s->v[i] = xxh_round(s->v[i], xxh_read64(s->mem + 8 * i));
+        p += fill;
+        s->used = 0;
+    }
+    uint64_t v0 = s->v[0], v1 = s->v[1], v2 = s->v[2], v3 = s->v[3];
+    while (end - p >= 32) {
+        v0 = xxh_round(v0, xxh_read64(p));
+        v1 = xxh_round(v1, xxh_read64(p + 8));
+        v2 = xxh_round(v2, xxh_read64(p + 16));
+        v3 = xxh_round(v3, xxh_read64(p + 24));
+        p += 32;
+    }
+    s->v[0] = v0, s->v[1] = v1, s->v[2] = v2, s->v[3] = v3;
+    if (p < end) {
+        memcpy(s->mem, p, (size_t)(end - p));
+        s->used = (uint32_t)(end - p);
+    }
+}
+
+uint64_t tm_xxh64_digest(const tm_xxh64_state *s) {
+    uint64_t h;
+    if (s->total >= 32) {
+        h = xxh_rotl(s->v[0], 1) + xxh_rotl(s->v[1], 7) + xxh_rotl(s->v[2], 12) + xxh_rotl(s->v[3], 18);
+        for (int i = 0; i < 4; i++) h = xxh_merge_round(h, s->v[i]);
+    } else {
+        h = s->seed + XXH_P5;
+    }
+    h += s->total;
+    const uint8_t *p = s->mem;
+    uint32_t left = s->used;
+    while (left >= 8) {
+        h ^= xxh_round(0, xxh_read64(p));
+        h = xxh_rotl(h, 27) * XXH_P1 + XXH_P4;
+        p += 8, left -= 8;
+    }
+    if (left >= 4) {
+        h ^= (uint64_t)xxh_read32(p) * XXH_P1;
+        h = xxh_rotl(h, 23) * XXH_P2 + XXH_P3;
+        p += 4, left -= 4;
+    }
+    while (left > 0) {
+        h ^= (uint64_t)(*p) * XXH_P5;
+        h = xxh_rotl(h, 11) * XXH_P1;
+        p++, left--;
+    }
+    h ^= h >> 33;
+    h *= XXH_P2;
+    h ^= h >> 29;
+    h *= XXH_P3;
+    h ^= h >> 32;
+    return h;
 }
