@@ -73,3 +73,4 @@ def test_manifest_verifies_records_of_either_checksum(tmp_path, recorded):
     if recorded == "xxh64":
         # a process without the fused library cannot check XXH64 records: it merges them again
         assert Manifest(tmp_path, "fp", checksums=DEFAULT_CHECKSUMS).verified_shards(shards) == set()
+

@@ -10,6 +10,7 @@ the kept count and which ties win (lowest flat index) are where implementations 
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -555,3 +556,19 @@ def test_merge_counts_nonfinite_outputs():
     fine[0] = float("nan")
     assert cpu_merge.known_nonfinite(fine) is None  # modified in place since
     assert cpu_merge.known_nonfinite(torch.zeros(3)) is None
+
+
+def test_thread_limit_applies_to_its_thread_only():
+    """``limit_threads`` (set by the engine on its reader thread) bounds the fused calls made
+    from that thread and leaves the others at torch's count."""
+    seen = {}
+
+    def helper():
+        ck.limit_threads(1)
+        seen["helper"] = ck.make_args(torch.zeros(8), [torch.ones(8)], numel=8)[0].n_threads
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    assert seen["helper"] == 1
+    assert ck.make_args(torch.zeros(8), [torch.ones(8)], numel=8)[0].n_threads == torch.get_num_threads()

@@ -210,3 +210,17 @@ def test_prefetcher_order_budget_and_errors():
         for item, _ in Prefetcher(range(10), load=bad, cost=lambda i: 1, budget_bytes=100):
             seen.append(item)
     assert seen == [0, 1, 2]
+
+
+def test_prefetcher_runs_thread_init_on_its_reading_thread():
+    seen = []
+    init = lambda: seen.append(("init", threading.current_thread().name))  # noqa: E731
+    load = lambda i: seen.append(("load", threading.current_thread().name)) or i  # noqa: E731
+    with Prefetcher(range(3), load=load, cost=lambda i: 1, budget_bytes=2, thread_init=init) as p:
+        assert [item for item, _ in p] == [0, 1, 2]
+    assert seen[0] == ("init", "tritonmerge-prefetch")
+    assert {name for _, name in seen} == {"tritonmerge-prefetch"}
+    # without a thread (prefetch disabled) the caller's thread is not touched
+    seen.clear()
+    assert [item for item, _ in Prefetcher(range(2), load=load, cost=lambda i: 1, budget_bytes=2, enabled=False, thread_init=init)] == [0, 1]
+    assert all(kind == "load" for kind, _ in seen)

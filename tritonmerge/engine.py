@@ -713,6 +713,12 @@ class StreamingSource:
         self._pool.shutdown(wait=True)
 
 
+def _single_threaded_kernels() -> None:
+    from .backends.cpu import kernels as ck
+
+    ck.limit_threads(1)
+
+
 def _read_unit(
     plan: MergePlan, reader: TensorReader, unit: WorkUnit, check: "_InputCheck"
 ) -> tuple[torch.Tensor, list[torch.Tensor], frozenset[int]]:
@@ -1065,6 +1071,9 @@ def _merge_pass(run: _Run, skip_shards: set[str], progress: Any = None) -> None:
         cost=lambda u: u.in_bytes,
         budget_bytes=plan.prefetch_budget,
         enabled=opts.prefetch,
+        # its input checks on one core (an OpenMP team of this thread would slow the BLAS of
+        # batched solvers on the compute thread: backends.cpu.kernels.limit_threads)
+        thread_init=_single_threaded_kernels,
     )
     # a batch is merged out of plan order; results wait here until the writer's turn comes
     position = {id(u): i for i, u in enumerate(units)}

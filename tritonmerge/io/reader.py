@@ -193,8 +193,10 @@ class Prefetcher(Generic[Item]):
         cost: Callable[[Item], int],
         budget_bytes: int,
         enabled: bool = True,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         self._items = list(items)
+        self._thread_init = thread_init  # run first on the reading thread (when it is not the caller's)
         self._load = load
         self._cost = cost
         self._budget = max(int(budget_bytes), 1)
@@ -207,6 +209,8 @@ class Prefetcher(Generic[Item]):
 
     def _run(self) -> None:
         try:
+            if self._thread_init is not None:
+                self._thread_init()
             for item in self._items:
                 c = self._cost(item)
                 with self._cond:

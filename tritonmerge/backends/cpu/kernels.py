@@ -274,6 +274,25 @@ def _check(rc: int, what: str) -> None:
 # Tensor-level wrappers (raw pointers; the caller keeps the tensors alive during the call)
 
 
+_thread_limit = threading.local()
+
+
+def default_threads() -> int:
+    """Threads of a fused call that does not name its count: torch's intra-op count, or the
+    limit set on this thread by ``limit_threads``."""
+    return getattr(_thread_limit, "threads", None) or torch.get_num_threads()
+
+
+def limit_threads(n: int | None) -> None:
+    """Fused calls made from this thread use at most ``n`` threads (None: torch's count). For
+    helper threads (the engine's reader): an OpenMP team started from a second thread makes the
+    runtime throttle the idle spinning of every team while it lives, and BLAS on the compute
+    thread, which relies on that spinning between its many short parallel regions, then runs
+    1.5× slower (eigh of 2000×2000: 0.53 s alone, 0.83 s beside an idle second team). One
+    thread starts no team."""
+    _thread_limit.threads = n
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"fused CPU kernels take CPU tensors, got {t.device}")
@@ -298,7 +317,7 @@ def make_args(
     a = Args()
     keep_alive: list[torch.Tensor] = []
     a.n_experts = len(experts)
-    a.n_threads = threads if threads is not None else torch.get_num_threads()
+    a.n_threads = threads if threads is not None else default_threads()
     a.numel = numel
     a.offset = offset
     a.subtract_base = int(subtract_base)
@@ -517,7 +536,7 @@ def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:
     30× faster than ``torch.isfinite(t).all()`` on two cores)."""
     f = _flat(t)
     count = library().tm_count_nonfinite(
-        f.data_ptr(), f.numel(), DTYPE_CODES[f.dtype], threads if threads is not None else torch.get_num_threads()
+        f.data_ptr(), f.numel(), DTYPE_CODES[f.dtype], threads if threads is not None else default_threads()
     )
     if count < 0:
         raise RuntimeError("fused CPU kernel count_nonfinite failed: invalid arguments")
