@@ -69,7 +69,7 @@ def table(runs: list[dict]) -> str:
         gpu = any("gpu_peak_allocated_bytes" in r["tritonmerge"] for r in run["results"])
         cols = ["method", "YAML precision", "page cache", "n", "tritonmerge wall s", "merge s", "input GB/s", "s / B params",
                 "peak RSS GiB"] + (["peak GPU GiB"] if gpu else []) + [
-                "× I/O floor", "mergekit wall s", "mergekit RSS GiB", "speed-up", "RSS ratio", "parity"]
+                "× I/O floor", "× floor, best runs", "mergekit wall s", "mergekit RSS GiB", "speed-up", "RSS ratio", "parity"]
         lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in run["results"]:
             tm, mk, vs = r["tritonmerge"], r.get("mergekit"), r.get("vs_mergekit", {})
@@ -80,6 +80,8 @@ def table(runs: list[dict]) -> str:
             if gpu:
                 row.append(_gib(tm.get("gpu_peak_allocated_bytes")))
             row += [_fmt(tm.get("floor_ratio"), ".1f") + f" ({r['floor']['run_s']:.2f} s)",
+                    _fmt(tm.get("floor_ratio_best"), ".1f")
+                    + (f" ({tm['run_s_min']:.2f} / {r['floor']['run_s_min']:.2f} s)" if "run_s_min" in tm else ""),
                     _fmt(mk["wall_s"], ".1f") if mk else "–", _gib(mk["peak_rss_bytes"]) if mk else "–",
                     _fmt(vs.get("wall_speedup"), ".1f") + ("×" if vs else ""),
                     _fmt(vs.get("rss_ratio"), ".2f"), _parity(r)]
@@ -89,7 +91,10 @@ def table(runs: list[dict]) -> str:
         "\n\n*wall s*: whole process, start to exit, as a user sees it (interpreter, imports, merge, writes). "
         "*merge s*: inside the process after imports; *input GB/s*, *s / B params* (per billion parameters of one "
         "model) and *× I/O floor* use it. The I/O floor is measured in the same run: read every input tensor and "
-        "write one output of the base's size with safetensors, nothing else. *page cache warm*: every input file was "
+        "write one output of the base's size with safetensors, nothing else. *× I/O floor*: median over median (the floor's "
+        "median in brackets); *× floor, best runs*: the fastest run of each (tritonmerge / floor seconds in brackets), "
+        "the better estimate on a shared machine, where the floor's page-cache writes and fresh allocations vary most "
+        "and noise only adds time. *page cache warm*: every input file was "
         "read once right before each run (all tools alike); *cold*: the page cache was dropped before each run. "
         "*YAML precision stored*: no `dtype` key (mergekit then does its arithmetic in bf16, tritonmerge always in "
         "float32), *fp32*: `dtype: float32`, `out_dtype: bfloat16`. *speed-up* = mergekit wall / tritonmerge wall; "

@@ -65,6 +65,9 @@ def derived(tool: dict, floor: dict, input_bytes: int, params: int) -> dict:
         "input_GBps": input_bytes / run_s / 1e9 if run_s == run_s and run_s > 0 else None,
         "s_per_Bparams": run_s / (params / 1e9),
         "floor_ratio": run_s / floor["run_s"] if floor["run_s"] > 0 else None,
+        # least-disturbed run of each: the floor's samples vary most (its page-cache writes and
+        # fresh allocations depend on the machine's memory state), and noise only adds time
+        "floor_ratio_best": tool["run_s_min"] / floor["run_s_min"] if floor["run_s_min"] > 0 else None,
     }
 
 
