@@ -2,8 +2,10 @@
 
 Accepted keys: ``merge_method``, ``base_model``, ``models`` (each ``model`` plus optional
 ``parameters``), ``parameters`` (global), ``dtype`` (inputs are cast to it before merging),
-``out_dtype`` (default: ``dtype``, else each tensor's stored dtype), ``tokenizer_source: base``,
-and ``slices`` in place of ``models`` (``_build_slices``, ``slice_tensor_map``; docs/mergekit.md).
+``out_dtype`` (default: ``dtype``, else each tensor's stored dtype), ``tokenizer_source``, the
+``tokenizer:`` block and ``chat_template`` (tritonmerge/tokenizer.py), and ``slices`` in place of ``models`` (``_build_slices``, ``slice_tensor_map``; docs/mergekit.md).
+A model reference is a local folder or weights file, or mergekit's ``MODEL+LORA_ADAPTER`` (a
+local PEFT LoRA folder applied to the model before merging: ``resolve_model_path``, lora.py).
 
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated over the layer
 index, ``t = layer / (n_layers - 1)``; tensors outside the layers take t = 0, as in mergekit),
@@ -48,11 +50,9 @@ DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
 }
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
 UNSUPPORTED_KEYS = {
     "modules": "multi-module configs are not supported; list whole models under `models`",
-    "tokenizer": "tokenizer surgery is not supported; the output uses the base model's tokenizer",
-    "chat_template": "chat_template is not supported; the base model's tokenizer files are copied as they are",
 }
 
 # mergekit's methods that tritonmerge does not implement (none of 0.1.5's): named as such, so a
@@ -111,6 +111,8 @@ class MergeConfig:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     tokenizer_source: str = "base"
+    # tokenizer_source other than base, a `tokenizer:` block or chat_template (tritonmerge/tokenizer.py)
+    tokenizer: Any = None
     raw: dict[str, Any] = field(default_factory=dict)
     source_path: Path | None = None  # the YAML file it was read from, if any
     # False: the config names no base_model and ``base`` is the first model, a stand-in that
@@ -251,13 +253,13 @@ class MergeConfig:
         d: dict[str, Any] = {"merge_method": self.merge_method}
         if self.slices is not None:
             if self.raw.get("base_model") is not None:
-                d["base_model"] = str(self.base.path)
+                d["base_model"] = model_ref(self.base.path)
             d["slices"] = [_slice_dict(sl) for sl in self.slices]
         else:
             if self.base_given:
-                d["base_model"] = str(self.base.path)
+                d["base_model"] = model_ref(self.base.path)
             d["models"] = [
-                {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
+                {"model": model_ref(m.path), **({"parameters": m.parameters} if m.parameters else {})} for m in self.experts
             ]
         if self.parameters:
             d["parameters"] = self.parameters
@@ -265,7 +267,10 @@ class MergeConfig:
             d["dtype"] = str(self.dtype).replace("torch.", "")
         if self.out_dtype is not None:
             d["out_dtype"] = str(self.out_dtype).replace("torch.", "")
-        d["tokenizer_source"] = self.tokenizer_source
+        if self.tokenizer is not None:
+            d.update(self.tokenizer.to_dict())
+        if "tokenizer" not in d:
+            d.setdefault("tokenizer_source", self.tokenizer_source)
         return d
 
     def to_yaml(self) -> str:
@@ -275,12 +280,12 @@ class MergeConfig:
 def _slice_dict(sl: SliceDef) -> dict[str, Any]:
     d: dict[str, Any] = {
         "sources": [
-            {"model": str(m.path), "layer_range": list(r), **({"parameters": m.parameters} if m.parameters else {})}
+            {"model": model_ref(m.path), "layer_range": list(r), **({"parameters": m.parameters} if m.parameters else {})}
             for m, r in sl.sources
         ]
     }
     if sl.base_given:
-        d["base_model"] = str(sl.base.path)
+        d["base_model"] = model_ref(sl.base.path)
     if sl.parameters:
         d["parameters"] = sl.parameters
     return d
@@ -319,10 +324,7 @@ def _is_number(x: Any) -> bool:
 
 
 def _output_settings(raw: Mapping[str, Any]) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """(dtype, out_dtype) of a config, after refusing a tokenizer source other than the base's."""
-    tok = raw.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise ConfigError(f"tokenizer_source: {tok!r} is not supported; only `base` (the base model's tokenizer is copied)")
+    """(dtype, out_dtype) of a config (its tokenizer settings: tokenizer.parse_tokenizer)."""
     dtype = dtype_from_name(raw.get("dtype"), "dtype")
     return dtype, dtype_from_name(raw.get("out_dtype"), "out_dtype") or dtype
 
@@ -378,8 +380,44 @@ def _unwrap(parameters: Mapping[str, Any]) -> dict[str, Any]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.\-/]+)?$")
 
 
+class LoraModelPath(type(Path())):
+    """The model folder of a ``model+lora`` reference, carrying the adapter folder (``lora``).
+
+    It opens, reads and prints as the model's own folder, but compares and hashes with its
+    adapter, so ``X`` and ``X+adapter`` are two different inputs wherever models are told apart
+    by path (roles, slices, vocabularies); the engine applies the adapter (tritonmerge/lora.py)."""
+
+    lora: Path | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and getattr(self, "lora", None) == getattr(other, "lora", None)
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), getattr(self, "lora", None)))
+
+    def __reduce__(self):  # pickling and copying keep the adapter
+        return (_lora_path, (str(self), getattr(self, "lora", None)))
+
+
+def _lora_path(path: str, lora: Path | None) -> Path:
+    return with_lora(Path(path), lora) if lora is not None else Path(path)
+
+
+def with_lora(path: Path, lora: Path) -> LoraModelPath:
+    out = LoraModelPath(path)
+    out.lora = lora
+    return out
+
+
+def model_ref(path: Path) -> str:
+    """A model's reference in a resolved config: its folder, ``+`` its LoRA adapter if any."""
+    lora = getattr(path, "lora", None)
+    return f"{path}+{lora}" if lora is not None else str(path)
+
+
 def resolve_model_path(ref: Any, config_dir: Path | None, what: str) -> tuple[str, Path]:
-    """Local folder or weights file for a model reference; hub ids and LoRA refs are errors."""
+    """Local folder or weights file for a model reference, or ``MODEL+LORA_ADAPTER`` (a local PEFT
+    LoRA folder applied to the model: a ``LoraModelPath``); hub ids are errors."""
     if isinstance(ref, dict):
         ref = ref.get("model", ref.get("path"))
     if not isinstance(ref, (str, os.PathLike)) or not str(ref).strip():
@@ -390,8 +428,28 @@ def resolve_model_path(ref: Any, config_dir: Path | None, what: str) -> tuple[st
     for c in candidates:
         if c.exists():
             return text, c.resolve()
-    if "+" in text and not any(Path(part).exists() for part in text.split("+")[:1]):
-        raise ConfigError(f"{what}: {text!r} looks like a model+LoRA reference; LoRA inputs are not supported, merge the adapter first")
+    if "+" in text:
+        # mergekit's `MODEL+LORA`: a PEFT LoRA adapter folder applied to the model first
+        chunks = text.split("+")
+        if len(chunks) != 2 or not all(c.strip() for c in chunks):
+            raise ConfigError(f"{what}: {text!r} is not MODEL or MODEL+LORA_ADAPTER (mergekit's model reference)")
+        try:
+            _, model = resolve_model_path(chunks[0], config_dir, what)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (the model of the model+LoRA reference {text!r})") from None
+        lp = Path(os.path.expanduser(chunks[1].strip()))
+        lcands = [lp] if lp.is_absolute() else [Path.cwd() / lp] + ([config_dir / lp] if config_dir else [])
+        found = next((c for c in lcands if c.is_dir()), None)
+        if found is None:
+            hub = " (it looks like a Hugging Face Hub id; download the adapter first and give its folder)" if _HUB_ID.match(chunks[1].strip()) else ""
+            raise ConfigError(
+                f"{what}: LoRA adapter {chunks[1].strip()!r} is not a local folder (looked for "
+                f"{' or '.join(str(c) for c in lcands)}); tritonmerge reads local adapter folders only{hub}"
+            )
+        from .lora import LoraAdapter
+
+        LoraAdapter.open(found.resolve(), f"{what}: LoRA adapter")  # adapter_config.json and weight headers
+        return text, with_lora(model, found.resolve())
     if _HUB_ID.match(text):
         raise ConfigError(
             f"{what}: {text!r} is not a local folder; it looks like a Hugging Face Hub id, and tritonmerge reads "
@@ -433,6 +491,12 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], *, config_dir: st
             raise ConfigError("the config must be a YAML mapping with at least merge_method and models")
     _check_depth(raw)
     cfg = _build(raw, cdir)
+    from .tokenizer import parse_tokenizer
+
+    cfg.tokenizer = parse_tokenizer(raw, lambda ref, what: resolve_model_path(ref, cdir, what))
+    tok = cfg.tokenizer
+    if tok is not None and cfg.slices is not None and (tok.source not in (None, "base") or tok.tokens or tok.pad_to_multiple_of):
+        raise ConfigError("a tokenizer other than the base's is not supported with `slices` yet; list whole models under `models`")
     if not isinstance(source, Mapping) and p is not None:
         cfg.source_path = p.resolve()
     return cfg

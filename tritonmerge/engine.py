@@ -41,7 +41,7 @@ import torch
 
 from . import __version__, distributed
 from .api import all_finite, merge_one
-from .config import MergeConfig, load_config, slice_tensor_map, tensor_t, validate_resolved
+from .config import MergeConfig, load_config, model_ref, slice_tensor_map, tensor_t, validate_resolved
 from .context import MergeReport, ModelDecisions, TensorContext, TensorDecisions, layer_index
 from .distributed import SINGLE, Ranks
 from .errors import CheckpointError, ConfigError, NonFiniteInputError, NonFiniteResultError, OutputLockedError, TritonMergeError
@@ -140,6 +140,10 @@ class MergePlan:
     prefetch_budget: int = 0
     writer_budget: int = 0
     notes: list[str] = field(default_factory=list)
+    # the permuted embedding rows of a tokenizer_source/tokenizer config (vocab_rows.RowsPlan)
+    rows: Any = None
+    # the LoRA-applied tensors of `model+lora` inputs (lora.LoraInputs)
+    loras: Any = None
 
     @property
     def n_experts(self) -> int:
@@ -159,8 +163,8 @@ class MergePlan:
         gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
         lines = [
             f"method:        {cfg.merge_method}" + (f" (runs as {cfg.spec.name})" if cfg.spec.name != cfg.merge_method else ""),
-            f"base model:    {self.base.path} ({self.base.format}, {len(self.base.files)} file(s))",
-            *[f"model {i}:       {e.path} ({e.format}, {len(e.files)} file(s))" for i, e in enumerate(self.experts)],
+            f"base model:    {model_ref(self.base.path)} ({self.base.format}, {len(self.base.files)} file(s))",
+            *[f"model {i}:       {model_ref(e.path)} ({e.format}, {len(e.files)} file(s))" for i, e in enumerate(self.experts)],
             f"parameters:    {json.dumps(_params_json(self.analysis_params) if self.analysis_params is not None else cfg.resolve(), default=str)}",
             f"tensors:       {len(self.names)} ({sum(1 for n in self.names if self.base.tensors[n].dtype.is_floating_point)} floating point), "
             f"{self.n_layers} layers",
@@ -338,12 +342,15 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
         needs_analysis=needs_analysis,
         analysis_params=analysis_params,
         n_layers=n_layers,
-        fingerprint=_fingerprint(cfg, options, [base, *experts], shards),
+        fingerprint=_fingerprint(cfg, options, [base, *experts], shards)
+        + ("" if getattr(base, "_tokenizer_rows", None) is None else "-" + hashlib.sha256(base._tokenizer_rows.vocab.fingerprint().encode()).hexdigest()[:16]),
         chunked=chunked,
         peak_bytes=peak,
         prefetch_budget=prefetch_budget,
         writer_budget=writer_budget,
         notes=notes,
+        rows=getattr(base, "_tokenizer_rows", None),
+        loras=getattr(base, "_lora_inputs", None),
     )
 
 
@@ -352,12 +359,82 @@ def _open_models(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list
     same tensors, and the method takes this many experts. Returns (base, experts, notes)."""
     base = open_checkpoint(cfg.base.path, _label("base model", cfg.base.name))
     experts = [open_checkpoint(m.path, _label("model", m.name)) for m in cfg.experts]
+    (base, *experts), loras = _lora_views([(m.path, i) for m, i in zip([cfg.base, *cfg.experts], [base, *experts])], out_dir)
     _check_inputs_untouched(out_dir, cfg, [base, *experts])
+    base, experts = _vocabulary_views(cfg, base, experts, out_dir)
+    base._lora_inputs = loras
     notes = _check_compatible(base, experts, list(base.tensors))
+    rows = getattr(base, "_tokenizer_rows", None)
+    if rows is not None:
+        src = rows.vocab.spec.source
+        notes.append(
+            f"output vocabulary: {len(rows.vocab.vocab)} tokens ({'from ' + str(src) if isinstance(src, Path) else src}), "
+            f"{rows.vocab.n_rows} embedding rows; {', '.join(rows.originals)} rebuilt in its order before merging"
+        )
     inner, _ = cfg.spec.innermost(validate_resolved(cfg, cfg.resolve("", 0.0), ""))
     if need := inner.experts_wanted(len(experts)):
         raise ConfigError(f"{inner.name} needs {need} model(s) besides the base, the config gives {len(experts)}")
     return base, experts, notes
+
+
+def _lora_views(models: Sequence[tuple[Path, CheckpointIndex]], out_dir: Path) -> tuple[list[CheckpointIndex], Any]:
+    """Views of the `model+lora` inputs (config.LoraModelPath) whose adapted tensors are to be
+    written into the partial folder before the merge pass (lora.py), and the plan of those
+    writes (None without LoRA inputs). A model+adapter listed twice is applied once."""
+    from . import lora
+
+    plan = None
+    done: dict[Path, CheckpointIndex] = {}
+    out = []
+    for path, index in models:
+        adapter = getattr(path, "lora", None)
+        if adapter is None:
+            out.append(index)
+            continue
+        if path not in done:
+            done[path], plan = lora.apply(index, lora.LoraAdapter.open(adapter, index.label), partial_dir(out_dir), len(done), plan, path)
+        out.append(done[path])
+    return out, plan
+
+
+def _vocabulary_views(
+    cfg: MergeConfig, base: CheckpointIndex, experts: list[CheckpointIndex], out_dir: Path
+) -> tuple[CheckpointIndex, list[CheckpointIndex]]:
+    """With a tokenizer other than the base's (tritonmerge/tokenizer.py): views whose embedding
+    tensors are the models' rows in the output vocabulary's order (vocab_rows.py), to be written
+    into the partial folder before the merge pass; the plan of those rows rides on the base view
+    as ``_tokenizer_rows``. ``tokenizer_source: base`` over models with the base's vocabulary
+    changes nothing (the base's tokenizer files are copied as they are)."""
+    spec = cfg.tokenizer
+    if spec is None or spec.source is None:
+        return base, experts
+    from . import tokenizer as tok
+    from . import vocab_rows
+
+    inputs = []
+    if cfg.base_given:
+        inputs.append((cfg.base.name, cfg.base.path))
+    inputs += [(m.name, m.path) for m in cfg.experts]
+    plain_base = spec.source == "base" and not spec.tokens and not spec.pad_to_multiple_of
+    try:
+        plan = tok.build_vocab(spec, cfg.base.path, cfg.base.name, inputs)
+    except CheckpointError:
+        if plain_base:  # a model without tokenizer.json: as without tokenizer_source (same vocabularies only)
+            return base, experts
+        raise
+    models = list(dict.fromkeys(p for _, p in inputs))
+    if plain_base:
+        # the base's vocabulary everywhere: merged as they are (padding rows past the vocabulary
+        # kept, where mergekit would cut them)
+        same = all(plan.perms[m] == list(range(len(plan.vocab))) and plan.rows[m] == plan.rows[cfg.base.path] for m in models)
+        if same:
+            return base, experts
+    view_models = [cfg.base.path, *[m.path for m in cfg.experts]]
+    views, rows = vocab_rows.apply(
+        plan, cfg.dtype, [base, *experts], view_models, models, cfg.base.path if cfg.base_given else None, partial_dir(out_dir)
+    )
+    views[0]._tokenizer_rows = rows
+    return views[0], views[1:]
 
 
 def _open_slices(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list[CheckpointIndex], list[str], dict[str, Any], int]:
@@ -371,6 +448,8 @@ def _open_slices(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list
         for m, _ in sl.sources:
             if m.path not in real:
                 real[m.path] = open_checkpoint(m.path, _label("model", m.name))
+    lora_views, loras = _lora_views(list(real.items()), out_dir)
+    real = dict(zip(real, lora_views))
     _check_inputs_untouched(out_dir, cfg, list(real.values()))
     mapping, n_out = slice_tensor_map(cfg, {p: list(i.tensors) for p, i in real.items()}, {p: _n_layers(i) for p, i in real.items()})
     n_roles = 1 + len(cfg.slices[0].experts)
@@ -388,6 +467,7 @@ def _open_slices(cfg: MergeConfig, out_dir: Path) -> tuple[CheckpointIndex, list
             )
         )
     base, experts = views[0], views[1:]
+    base._lora_inputs = loras
     notes = _check_compatible(base, experts, list(base.tensors))
     cache: dict[str, Any] = {}
     params: dict[str, Any] = {}
@@ -988,6 +1068,18 @@ def _prepare_partial(plan: MergePlan, state: str, say: Callable[[str], None]) ->
     if state == "fresh" and tmp.exists():
         shutil.rmtree(tmp)  # --overwrite: a stale partial folder (ours, checked) is discarded
     tmp.mkdir(exist_ok=True)
+    if plan.loras is not None:
+        # the LoRA-applied tensors of model+lora inputs (lora.py), with a bar where that takes a while
+        bar = _progress(plan.loras.total_bytes, plan.options.quiet) if plan.loras.total_bytes > (256 << 20) else None
+        if bar is not None:
+            bar.set_description("applying LoRA")
+        try:
+            plan.loras.materialise(say, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    if plan.rows is not None:
+        plan.rows.materialise()  # the embedding rows in the output vocabulary's order
     for s in plan.shards:
         if s.filename not in done_shards and (tmp / s.filename).exists():
             (tmp / s.filename).unlink()
@@ -1218,8 +1310,34 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
         # mergekit sets the layer count of the stacked slices
         base_config = dict(base_config)
         base_config["num_hidden_layers"] = plan.n_layers
+    tok_spec = cfg.tokenizer
+    if plan.rows is not None and base_config is not None:
+        base_config = dict(base_config)
+        key = "vocab_size" if "vocab_size" in base_config or not isinstance(base_config.get("text_config"), dict) else None
+        if key:
+            base_config[key] = plan.rows.vocab.n_rows
+        else:
+            base_config["text_config"] = {**base_config["text_config"], "vocab_size": plan.rows.vocab.n_rows}
     outfolder.write_config_json(out, base_config, torch_dtype)
     outfolder.copy_tokenizer_files(base_folder, out)
+    if tok_spec is not None and (plan.rows is not None or tok_spec.chat_template is not None or isinstance(tok_spec.source, Path)):
+        from . import tokenizer as tok
+
+        donor = tok_spec.source if isinstance(tok_spec.source, Path) else base_folder
+        if donor != base_folder:
+            for name in outfolder.TOKENIZER_FILES:
+                if name != "generation_config.json" and (out / name).is_file():
+                    (out / name).unlink()
+            outfolder.copy_tokenizer_files(donor, out)
+            if (base_folder is not None) and (base_folder / "generation_config.json").is_file():
+                shutil.copyfile(base_folder / "generation_config.json", out / "generation_config.json")
+        folders = [cfg.base.path, *[m.path for m in cfg.experts]] if cfg.base_given else [m.path for m in cfg.experts]
+        template = tok.resolve_chat_template(tok_spec, list(dict.fromkeys(folders)))
+        tok.write_tokenizer(out, donor, plan.rows.vocab if plan.rows is not None else None, template)
+    if plan.rows is not None:
+        plan.rows.cleanup()
+    if plan.loras is not None:
+        plan.loras.cleanup()
     params = _params_json(plan.analysis_params) if plan.analysis_params is not None else cfg.resolve()
     outfolder.write_model_card(
         out,
