@@ -19,7 +19,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ from tritonmerge.io.writer import partial_dir
 from tritonmerge.synthetic import make_llama_checkpoints
 
 from _checkpoints import load_folder
+from _mergekit import needs_mergekit, run_mergekit, ulp_distance
 
-MERGEKIT_PYTHON = Path(os.environ.get("TRITONMERGE_MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python"))
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "base_model.model."
 
@@ -78,16 +77,6 @@ def expected(model: Path, adapter: Path, compute: torch.dtype = torch.float64) -
             w = (w.to(compute) + (b @ a) * scale).to(w.dtype)
         out[name] = w
     return out
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        i = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    if a.numel() == 0:
-        return 0
-    return int((ordered(a) - ordered(b)).abs().max())
 
 
 def merge(config: Path | dict, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -267,22 +256,6 @@ def test_resume_and_same_model_with_and_without_adapter(models, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # parity with mergekit 0.1.5
 
-_MERGEKIT_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from mergekit.scripts.run_yaml import main
-    results = {}
-    for config, out, cache in json.loads(sys.argv[1]):
-        try:
-            main.main(args=[config, out, "--quiet", "--lora-merge-cache", cache], standalone_mode=False)
-            results[out] = "ok"
-        except BaseException as exc:
-            results[out] = f"{type(exc).__name__}: {exc}"
-    print("RESULTS " + json.dumps(results))
-    """
-)
-
-
 def _parity_cases(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     base, (e1, e2) = m["base"], m["experts"]
     a, b, c = m["a"], m["b"], m["c"]
@@ -315,10 +288,7 @@ def _parity_cases(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-@pytest.mark.skipif(
-    not MERGEKIT_PYTHON.exists(),
-    reason=f"mergekit's virtualenv is not there ({MERGEKIT_PYTHON}); make it with benchmarks/e2e/setup_mergekit.sh",
-)
+@needs_mergekit
 def test_parity_with_mergekit(models, tmp_path):
     jobs = []
     for tag in ("f32", "bf16"):
@@ -338,14 +308,7 @@ def test_parity_with_mergekit(models, tmp_path):
                 jobs.append((name, path, tmp_path / f"mergekit_{name}", tmp_path / f"ours_{name}"))
     before = {(t, k): digest(models[t][k]) for t in ("f32", "bf16") for k in ("a", "b", "c")}
     before.update({(t, "models"): digest(models[t]["base"].parent) for t in ("f32", "bf16")})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(p), str(mk), str(tmp_path / "lora_cache")] for _, p, mk, _ in jobs])],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert lines, f"mergekit did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    status = json.loads(lines[-1][len("RESULTS "):])
+    status = run_mergekit([(p, mk) for _, p, mk, _ in jobs], cwd=tmp_path, extra=["--lora-merge-cache", str(tmp_path / "lora_cache")])
     report = {}
     for name, path, mk, ours in jobs:
         assert status[str(mk)] == "ok", (name, status[str(mk)])

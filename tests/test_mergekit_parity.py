@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,11 @@ import yaml
 from tritonmerge.synthetic import make_llama_checkpoints
 
 from _checkpoints import load_folder
+from _mergekit import MERGEKIT_PYTHON, needs_mergekit, run_mergekit, ulp_distance
 
-MERGEKIT_PYTHON = Path(os.environ.get("TRITONMERGE_MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python"))
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not MERGEKIT_PYTHON.exists(),
-    reason=f"mergekit's virtualenv is not there ({MERGEKIT_PYTHON}); make it with benchmarks/e2e/setup_mergekit.sh",
-)
+pytestmark = needs_mergekit
 
 # (method, global parameters, per-model parameters, with base_model, number of experts)
 CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]] | None, bool, int]] = {
@@ -59,33 +55,6 @@ CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]] | None, bool, i
     "linear_gradient": ("linear", {}, [{"weight": [0.2, 0.8]}, {"weight": 1.0}], False, 2),
     "ties_int8_mask": ("ties", {"density": 0.5, "int8_mask": True}, [{"weight": 0.6}, {"weight": 0.4}, {"weight": 1.0}], True, 3),
 }
-
-_MERGEKIT_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from mergekit.scripts.run_yaml import main
-    results = {}
-    for config, out in json.loads(sys.argv[1]):
-        try:
-            main.main(args=[config, out, "--quiet"], standalone_mode=False)
-            results[out] = "ok"
-        except BaseException as exc:  # one failing method must not hide the others
-            results[out] = f"{type(exc).__name__}: {exc}"
-    print("RESULTS " + json.dumps(results))
-    """
-)
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Most representable float32 values between corresponding entries (0: same bits, ±0 equal)."""
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        i = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    if a.numel() == 0:
-        return 0
-    return int((ordered(a) - ordered(b)).abs().max())
-
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory) -> dict[str, Any]:
@@ -121,14 +90,7 @@ def merged(tmp_path_factory) -> dict[str, Any]:
 def run_both(root: Path, jobs: list[tuple[str, Path, Path, Path]], read) -> dict[str, tuple[Any, Any]]:
     """case -> (mergekit's output, ours), each read by ``read`` or the error text: every YAML of
     ``jobs`` through mergekit-yaml (one process of its virtualenv) and ``tritonmerge merge``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(p), str(m)] for _, p, m, _ in jobs])],
-        capture_output=True, text=True, timeout=600, env=env, cwd=root,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert lines, f"mergekit did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    theirs_status = json.loads(lines[-1][len("RESULTS "):])
+    theirs_status = run_mergekit([(p, m) for _, p, m, _ in jobs], cwd=root, timeout=600)
     results: dict[str, tuple[Any, Any]] = {}
     for case, path, mk_out, our_out in jobs:
         ours = subprocess.run(

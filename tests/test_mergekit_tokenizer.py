@@ -33,19 +33,14 @@ import yaml
 from tritonmerge.synthetic import make_llama_checkpoints, write_checkpoint
 
 from _checkpoints import load_folder
+from _mergekit import MERGEKIT_PYTHON, needs_mergekit, offline_env, run_mergekit, ulp_distance
 
-MERGEKIT_PYTHON = Path(os.environ.get("TRITONMERGE_MERGEKIT_PYTHON", "/work/venv-mergekit/bin/python"))
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 16
 SPECIALS = ["<unk>", "<s>", "</s>"]
 WORDS = SPECIALS + [f"w{i}" for i in range(29)]
 STRINGS = ["w1 w2 w27", "<|im_start|> w3 x0 <|im_end|>", "w28 <tool> x1 zz", "<s> w5 <new> w6"]
 CHATML_TEST = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-
-needs_mergekit = pytest.mark.skipif(
-    not MERGEKIT_PYTHON.exists(),
-    reason=f"mergekit's virtualenv is not there ({MERGEKIT_PYTHON}); make it with benchmarks/e2e/setup_mergekit.sh",
-)
 
 
 def _templates_dir() -> Path | None:
@@ -144,23 +139,6 @@ def _configs(m: dict[str, Path]) -> dict[str, tuple[dict[str, Any], bool]]:
     }
 
 
-_MERGEKIT_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from mergekit.scripts.run_yaml import main
-    results = {}
-    for config, out in json.loads(sys.argv[1]):
-        try:
-            main.main(args=[config, out, "--quiet"], standalone_mode=False)
-            results[out] = "ok"
-        except BaseException as exc:
-            results[out] = f"{type(exc).__name__}: {exc}"
-    print("RESULTS " + json.dumps(results))
-    """
-)
-
-# the encodings (as token strings) of STRINGS by each folder's tokenizer.json, with the tokenizers
-# library, and what transformers loads from each folder (vocabulary, chat template)
 _ENCODE_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -179,19 +157,6 @@ _ENCODE_SCRIPT = textwrap.dedent(
     print("ENC " + json.dumps(out))
     """
 )
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        i = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    return env
 
 
 def _ours(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -224,13 +189,7 @@ def merged(tmp_path_factory) -> dict[str, Any]:
         path = root / f"{case}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         jobs.append((case, path, root / f"mergekit_{case}", root / f"ours_{case}"))
-    proc = subprocess.run(
-        [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(p), str(m)] for _, p, m, _ in jobs])],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=root,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert lines, f"mergekit did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    status = json.loads(lines[-1][len("RESULTS "):])
+    status = run_mergekit([(p, m) for _, p, m, _ in jobs], cwd=root, timeout=600)
     out: dict[str, Any] = {"models": models, "root": root}
     for case, path, mk, ours in jobs:
         res = _ours(path, ours)
@@ -238,7 +197,7 @@ def merged(tmp_path_factory) -> dict[str, Any]:
     folders = [str(p) for case, _, mk, ours in jobs for p in (mk, ours) if (p / "tokenizer.json").is_file()]
     enc = subprocess.run(
         [str(MERGEKIT_PYTHON), "-c", _ENCODE_SCRIPT, json.dumps([folders, STRINGS])],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=root,
+        capture_output=True, text=True, timeout=300, env=offline_env(), cwd=root,
     )
     lines = [line for line in enc.stdout.splitlines() if line.startswith("ENC ")]
     assert lines, f"encoding failed:\n{enc.stderr[-4000:]}"
@@ -449,11 +408,8 @@ def test_union_strips_tokens_past_the_rows(tmp_path):
            "models": [{"model": str(experts[0]), "parameters": {"weight": 0.7, "density": 0.6}}]}
     path = _write(tmp_path, cfg)
     mk, ours = tmp_path / "mk", tmp_path / "ours"
-    proc = subprocess.run(
-        [str(MERGEKIT_PYTHON), "-c", _MERGEKIT_SCRIPT, json.dumps([[str(path), str(mk)]])],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
-    )
-    assert f'"{mk}": "ok"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    status = run_mergekit([(path, mk)], cwd=tmp_path, timeout=600)
+    assert status[str(mk)] == "ok", status
     res = _ours(path, ours)
     assert res.returncode == 0, res.stderr
     tv, tadded = _vocab(mk)

@@ -83,7 +83,7 @@ def test_generated_table_lists_every_method_and_parameter():
         assert row is not None, f"{name} missing from the generated table"
         for p in describe_params(spec.params):
             assert f"`{p['name']}` = " in row, f"{name}: parameter {p['name']} missing from its row"
-        assert row.count(" | ") == 3, f"{name}: a cell leaks an unescaped '|': {row}"
+        assert row.count(" | ") == 4, f"{name}: a cell leaks an unescaped '|': {row}"
 
 
 def test_readme_method_table_is_current():

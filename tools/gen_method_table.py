@@ -90,13 +90,31 @@ def parameter_lines(spec: Any) -> list[str]:
     return lines
 
 
+# the "mergekit" column: methods compared against mergekit 0.1.5 itself, tensor by tensor
+# (tests/test_mergekit_parity.py, tests/test_mergekit_integration.py, tests/test_mergekit_lora.py)
+MERGEKIT_PARITY = {"arcee_fusion", "karcher", "linear", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
+                   "ramplus_tl", "sce", "ties"}
+# mergekit 0.1.5 methods of the same name not (yet) compared against mergekit by a test
+MERGEKIT_UNTESTED = {"breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+                     "model_stock", "slerp", "task_arithmetic"}
+
+
+def _mergekit_text(name: str, spec: Any) -> str:
+    if name in MERGEKIT_PARITY:
+        return "same name, same result (parity test)"
+    if name in MERGEKIT_UNTESTED:
+        kind = "random, other masks than mergekit's" if spec.stochastic else "no parity test yet"
+        return f"same name ({kind})"
+    return "tritonmerge-only"
+
+
 def render() -> str:
     """The whole Markdown table for every registered method, sorted by name."""
     from tritonmerge.catalog import method_table  # importing the catalog registers every method
 
     out = [
-        "| Method | What it does | Experts | Parameters (default, allowed values) |",
-        "|---|---|---|---|",
+        "| Method | What it does | Experts | mergekit | Parameters (default, allowed values) |",
+        "|---|---|---|---|---|",
     ]
     for name, spec in method_table().items():
         if name.startswith("_"):  # private methods (tests register some) are not part of the docs
@@ -110,7 +128,7 @@ def render() -> str:
         if notes:
             doc += " " + " ".join(notes)
         params = "<br>".join(parameter_lines(spec)) or "none"
-        out.append(f"| `{name}` | {_cell(doc)} | {_experts_text(spec)} | {params} |")
+        out.append(f"| `{name}` | {_cell(doc)} | {_experts_text(spec)} | {_mergekit_text(name, spec)} | {params} |")
     return "\n".join(out) + "\n"
 
 

@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf inputs and write NaN/Inf results with a warning instead of stopping")
     m.add_argument("--no-prefetch", action="store_true", help="read inputs on the main thread (less memory, slower)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+    # mergekit-yaml's options (mergekit 0.1.5, MergeOptions); docs/mergekit.md has the table
+    m.add_argument("--cuda", action="store_true", help="mergekit's --cuda: the same as --device cuda")
+    m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True, help="copy the base model's tokenizer files to the output (default)")
+    m.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files to the output")
+    m.add_argument("--write-model-card", dest="write_model_card", action="store_true", default=True, help="write README.md (model card) in the output (default)")
+    m.add_argument("--no-write-model-card", dest="write_model_card", action="store_false", help="write no README.md model card")
+    m.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed of the random methods (dare_*, della*, breadcrumbs...): their `seed` parameter where the config sets none")
+    for flag, why in _UNNEEDED.items():
+        m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility; unneeded: {why}")
     m.add_argument("--nproc", type=int, default=1, metavar="N", help="merge with N local processes (torch.distributed, started through torch's own launcher; with --device cuda one per GPU); for several machines start `torchrun ... -m tritonmerge merge` yourself (default: 1)")
 
     d = sub.add_parser("demo", help="build a small Llama-shaped base + 3 experts and merge them with wudi and ties")
@@ -67,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return p
+
+
+# mergekit-yaml flags accepted with a one-line note: what they ask for tritonmerge always does
+_UNNEEDED = {
+    "--allow-crimes": "tritonmerge checks every tensor's name, shape and dtype itself and merges any architectures whose tensors match; mismatches are refused",
+    "--lazy-unpickle": "inputs are always read lazily (safetensors mmap; .bin with torch.load(weights_only=True, mmap=True))",
+    "--low-cpu-memory": "tensors are streamed one work unit at a time within --memory-budget",
+    "--read-to-gpu": "with --device cuda tensors are already read straight to the GPU per work unit",
+    "--multi-gpu": "use --nproc N with --device cuda (one process per GPU) instead",
+    "--trust-remote-code": "tritonmerge never runs model code; only config.json and tensors are read",
+}
 
 
 def _tune_malloc() -> None:
@@ -200,6 +220,17 @@ def _launch_ranks(nproc: int, argv: Sequence[str]) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .engine import MergeOptions, run_merge
 
+    if args.random_seed is not None and args.random_seed < 0:
+        raise TritonMergeError(f"--random-seed must be at least 0, got {args.random_seed}")
+    if args.cuda:
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda"):
+            raise TritonMergeError(f"--cuda conflicts with --device {args.device}")
+        if args.device == "cpu":
+            args.device = "cuda"
+    for flag in _UNNEEDED:
+        if getattr(args, flag[2:].replace("-", "_")) and not args.quiet:
+            print(f"tritonmerge: note: {flag} is unneeded here: {_UNNEEDED[flag]}", file=sys.stderr)
+
     options = MergeOptions(
         device=args.device,
         out_shard_size=args.out_shard_size,
@@ -213,6 +244,9 @@ def _merge(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         quiet=args.quiet,
         prefetch=not args.no_prefetch,
+        copy_tokenizer=args.copy_tokenizer,
+        write_model_card=args.write_model_card,
+        random_seed=args.random_seed,
     )
     result = run_merge(args.config, args.out_dir, options)
     from .distributed import launched

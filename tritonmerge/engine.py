@@ -100,6 +100,11 @@ class MergeOptions:
     async_write: bool = True
     # free bytes left on the output disk after the output is written
     disk_margin: int | str = "64MiB"
+    # mergekit's --no-copy-tokenizer / --no-write-model-card
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    # mergekit's --random-seed: the `seed` of random methods whose config does not set one
+    random_seed: int | None = None
 
 
 @dataclass
@@ -298,6 +303,8 @@ def plan_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any], out_
     writes nothing."""
     options = options or MergeOptions()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if options is not None and options.random_seed is not None and "seed" in cfg.spec.params.model_fields and "seed" not in cfg.parameters:
+        cfg.parameters["seed"] = int(options.random_seed)
     # the real path: a link to a folder is followed, so the folder it names is replaced (the link
     # stays valid) and the input checks compare what will actually be written
     out_dir = Path(os.path.realpath(Path(out_dir).expanduser().absolute()))
@@ -1319,7 +1326,8 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
         else:
             base_config["text_config"] = {**base_config["text_config"], "vocab_size": plan.rows.vocab.n_rows}
     outfolder.write_config_json(out, base_config, torch_dtype)
-    outfolder.copy_tokenizer_files(base_folder, out)
+    if plan.options.copy_tokenizer:
+        outfolder.copy_tokenizer_files(base_folder, out)
     if tok_spec is not None and (plan.rows is not None or tok_spec.chat_template is not None or isinstance(tok_spec.source, Path)):
         from . import tokenizer as tok
 
@@ -1339,16 +1347,17 @@ def _finalize(plan: MergePlan, decisions: ModelDecisions, manifest: Manifest) ->
     if plan.loras is not None:
         plan.loras.cleanup()
     params = _params_json(plan.analysis_params) if plan.analysis_params is not None else cfg.resolve()
-    outfolder.write_model_card(
-        out,
-        base_model=cfg.base.name,
-        models=[m.name for m in cfg.experts],
-        method=cfg.merge_method,
-        method_doc=cfg.spec.doc,
-        parameters=params,
-        config_yaml=cfg.to_yaml(),
-        version=__version__,
-    )
+    if plan.options.write_model_card:
+        outfolder.write_model_card(
+            out,
+            base_model=cfg.base.name,
+            models=[m.name for m in cfg.experts],
+            method=cfg.merge_method,
+            method_doc=cfg.spec.doc,
+            parameters=params,
+            config_yaml=cfg.to_yaml(),
+            version=__version__,
+        )
     outfolder.write_text(out, outfolder.CONFIG_NAME, cfg.to_yaml())
     if plan.needs_analysis:
         outfolder.write_json(out, outfolder.DECISIONS_NAME, decisions.to_json())
