@@ -55,8 +55,8 @@ setup(
     description="Kernel-accelerated model merging: WUDI, TADrop, LwPTV, TIES, DARE and more",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["tritonmerge", "tritonmerge.*"]),
-    package_data={"tritonmerge": ["backends/cpu/*.c"]},
+    packages=find_packages(include=["tritonmerge", "tritonmerge.*"]) + ["hydra_plugins.tritonmerge_fusion_bench"],
+    package_data={"tritonmerge": ["backends/cpu/*.c", "integrations/fusion_bench_config/method/tritonmerge/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -69,6 +69,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10", "xxhash>=3"],
         "triton": ["triton>=3.0"],
+        "peft": ["peft>=0.21,<0.22"],
+        "fusion-bench": ["fusion-bench>=0.2.33,<0.3"],
     },
     entry_points={"console_scripts": ["tritonmerge = tritonmerge.cli:main"]},
     ext_modules=ext_modules,

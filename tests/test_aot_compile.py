@@ -71,6 +71,29 @@ def test_aot_launch_refuses_an_unlisted_specialization():
         K.fused_merge_triton(x, [x], weights=[1.0], out_dtype=torch.float16)
 
 
+def test_kernels_contract_no_product_into_an_fma_unless_asked():
+    """Triton fuses a·b + c into one FMA by default; the references round twice, so a contracted
+    kernel would be an ulp off them on a GPU (the interpreter never contracts: only the PTX shows
+    it). linear asks for its FMA with tl.fma; task arithmetic's b + λ·Σwτ must stay unfused."""
+    from tritonmerge.backends.triton import fused_merge as K
+    from tritonmerge.backends.triton.specializations import compile_specialization
+
+    table = K.FUSED_MERGE_LAUNCHES
+
+    def first(**flags):
+        return next(
+            s for s in table.specializations
+            if all(s.constexprs[k] == v for k, v in flags.items()) and set(s.inputs.values()) == {torch.float32}
+        )
+
+    common = dict(SPARSIFY=K.SPARSIFY_NONE, ELECT=K.ELECT_NONE, DIVIDE=K.DIVIDE_NONE)
+    arithmetic = compile_specialization(table, first(HAS_BASE=True, **common), 90)
+    linear = compile_specialization(table, first(HAS_BASE=False, **common), 90)
+    assert arithmetic["ok"] and linear["ok"], (arithmetic.get("error"), linear.get("error"))
+    assert arithmetic["fma_f32"] == 0
+    assert linear["fma_f32"] > 0
+
+
 def test_aot_ptxas_log_parsing():
     from tritonmerge.backends.triton.specializations import parse_ptxas_log
 

@@ -154,6 +154,11 @@ def test_linear(device):
         ref_lowp = merge_linear(base.cpu(), [e.cpu() for e in experts], p, ctx).to(torch.bfloat16)
         golden = merge_linear(base.cpu().double(), [e.cpu().double() for e in experts], p, ctx)
         assert_close_budget(out, golden, ref_lowp, torch.bfloat16, what=f"linear {params}")
+    # float32 in and out: one fused multiply-add per expert and one division, as the reference
+    base32, experts32 = make_inputs((37, 53), 3, torch.float32, device=device)
+    p = get_method("linear").validate({"weight": [0.2, 0.3, 0.7]})
+    got = linear_triton(base32, experts32, p, ctx).cpu()
+    assert torch.equal(got, merge_linear(base32.cpu(), [e.cpu() for e in experts32], p, ctx))
 
 
 def test_non_contiguous_and_empty(device):

@@ -156,7 +156,7 @@ def test_the_c_loops_use_the_mode_codes_of_the_merge_spec():
     from tritonmerge.ops.merge_spec import Divide, Elect, Keep, Rescale
 
     source = (PACKAGE / "backends" / "cpu" / "merge_cpu.c").read_text(encoding="utf-8")
-    found = {name: int(value) for name, value in re.findall(r"\b((?:KEEP|RESCALE|ELECT|DIV)_[A-Z]+) = (\d+)", source)}
+    found = {name: int(value) for name, value in re.findall(r"\b((?:KEEP|RESCALE|ELECT|DIV)_[A-Z_]+) = (\d+)", source)}
     expected = {
         **{f"KEEP_{k.name}": int(k) for k in Keep if k != Keep.RANKED_RANDOM},  # the C loops decline DELLA
         **{f"RESCALE_{r.name}": int(r) for r in Rescale},

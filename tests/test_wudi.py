@@ -166,6 +166,25 @@ def test_lwptv_keep_flags_are_applied_in_groups(make_tensors):
     torch.testing.assert_close(pruned, expected, rtol=0, atol=0)
 
 
+def test_autograd_solver_is_the_official_loop_bit_for_bit(make_tensors):
+    """solver="autograd" runs official_wudi_autograd itself (FusionBench's loop), per layer and in
+    groups; a zero task vector is left out of its layer instead of making the loss NaN."""
+    base, experts = make_tensors((16, 12), n_experts=3, scale=1e-3)
+    tv = torch.stack([e.float() - base.float() for e in experts])
+    ref, history = W.official_wudi_autograd(tv, steps=30, lr=LR)
+    report = MergeReport()
+    out = merge_tensors("wudi", base, experts, name="w", steps=30, lr=LR, solver="autograd", report=report)
+    assert torch.equal(out, (base.float() + ref).to(base.dtype))
+    assert report.tensors["w"]["wudi_solver"] == "autograd"
+    assert report.tensors["w"]["wudi_init_loss"] == history[0]
+    with_zero = merge_tensors("wudi", base, experts + [base.clone()], name="w", steps=30, lr=LR, solver="autograd")
+    assert torch.equal(with_zero, out)
+    spec = tritonmerge.get_method("wudi")
+    params = spec.validate({"steps": 30, "lr": LR, "solver": "autograd"})
+    (grouped,) = spec.merge_group(params, [(base, experts, _ctx("w"))])
+    assert torch.equal(grouped, out)
+
+
 def test_official_autograd_rejects_zero_task_vectors():
     tv = task_vectors(3, 5, 4)
     tv[1] = 0

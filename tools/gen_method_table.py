@@ -91,20 +91,19 @@ def parameter_lines(spec: Any) -> list[str]:
 
 
 # the "mergekit" column: methods compared against mergekit 0.1.5 itself, tensor by tensor
-# (tests/test_mergekit_parity.py, tests/test_mergekit_integration.py, tests/test_mergekit_lora.py)
-MERGEKIT_PARITY = {"arcee_fusion", "karcher", "linear", "multislerp", "nearswap", "nuslerp", "passthrough", "ram",
-                   "ramplus_tl", "sce", "ties"}
-# mergekit 0.1.5 methods of the same name not (yet) compared against mergekit by a test
-MERGEKIT_UNTESTED = {"breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
-                     "model_stock", "slerp", "task_arithmetic"}
+# (tests/test_mergekit_parity.py, which checks that these sets are the methods it compares)
+MERGEKIT_PARITY = {"arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "karcher", "linear", "model_stock",
+                   "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "slerp",
+                   "task_arithmetic", "ties"}
+# random methods: other masks than mergekit's, the same distribution (a paired statistical test)
+MERGEKIT_SAME_DISTRIBUTION = {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
 def _mergekit_text(name: str, spec: Any) -> str:
     if name in MERGEKIT_PARITY:
         return "same name, same result (parity test)"
-    if name in MERGEKIT_UNTESTED:
-        kind = "random, other masks than mergekit's" if spec.stochastic else "no parity test yet"
-        return f"same name ({kind})"
+    if name in MERGEKIT_SAME_DISTRIBUTION:
+        return "same name, same distribution (random; statistical parity test)"
     return "tritonmerge-only"
 
 

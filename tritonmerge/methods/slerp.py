@@ -8,9 +8,11 @@ Per tensor, v₀ = base, v₁ = expert, both flattened:
     otherwise:       θ = arccos(dot);
                      out = sin((1 − t)θ)/sin θ · v₀ + sin(tθ)/sin θ · v₁   (unnormalised v₀, v₁)
 
-t = 0 gives the base, t = 1 the expert. mergekit computes this in float32 numpy; this reference
-computes it in float32 torch on the tensors' device (float64 for float64 inputs, used by tests as
-the golden value).
+t = 0 gives the base, t = 1 the expert. Computed in float32 (float64 for float64 inputs, which tests
+use as the golden value) on the tensors' device, with mergekit 0.1.5's operations in mergekit's
+order, so the output is mergekit's to the bit. mergekit may also stack several same-shaped tensors
+into one batch, which shrinks its reduction chunks: only tensors above one chunk (about a million
+elements) can then differ, by rounding in the norms and the dot product.
 """
 
 from __future__ import annotations
@@ -32,21 +34,40 @@ class SlerpParams(MethodParams):
     t: float = Field(0.5, ge=0, le=1, description="interpolation factor: 0 gives the base, 1 the expert")
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(v)
-    return v / norm if norm > NORM_EPS else v
+# mergekit reduces a tensor in chunks of this many elements (to bound its scratch memory); the
+# chunk boundaries decide the rounding of the norms and the dot product, so they are kept here.
+CHUNK_ELEMENTS = 1024 * 1024
+
+
+def _chunks(v: torch.Tensor) -> list[torch.Tensor]:
+    return [v[start : start + CHUNK_ELEMENTS] for start in range(0, v.numel(), CHUNK_ELEMENTS)]
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    # the norm of the chunks' norms, as mergekit takes it; a norm <= NORM_EPS leaves v as it is
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in _chunks(v)]))
+    return torch.where(norm > NORM_EPS, norm, 1)
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of two same-shaped tensors (treated as flat vectors) in their dtype."""
-    dot = (_unit(v0) * _unit(v1)).sum()
+    """Spherical interpolation of two same-shaped float32 or float64 tensors, treated as flat
+    vectors, in their dtype. The operations and their order are mergekit 0.1.5's for one output
+    tensor (t rounded to the working dtype first, (1 − t)·θ, the chunked reductions), so that the
+    result is the same to the bit."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    if a.numel() == 0:
+        return v0.clone()
+    t_ = torch.tensor(t, dtype=a.dtype, device=a.device)
+    norm_a, norm_b = _norm(a), _norm(b)
+    dot = torch.stack([(x / norm_a * (y / norm_b)).sum() for x, y in zip(_chunks(a), _chunks(b))]).sum().clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
-        return (1 - t) * v0 + t * v1
-    theta = torch.arccos(dot)
-    sin_theta = torch.sin(theta)
-    s0 = torch.sin(theta - theta * t) / sin_theta
-    s1 = torch.sin(theta * t) / sin_theta
-    return s0 * v0 + s1 * v1
+        coef_a, coef_b = 1 - t_, t_
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t_) * theta) / sin_theta
+        coef_b = torch.sin(t_ * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
 
 
 def merge_slerp(

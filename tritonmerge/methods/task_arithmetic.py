@@ -85,8 +85,13 @@ class DellaParams(DareParams):
 
 
 class ConsensusMixin(MethodParams):
-    consensus: Literal["sum", "count"] = Field(
-        "sum", description="sign election: sign of Σᵢ wᵢτᵢ (sum, TIES paper) or majority of signs (count)"
+    consensus: Literal["sum", "count", "unweighted_sum", "unweighted_count"] = Field(
+        "sum",
+        description=(
+            "sign election: sign of Σᵢ wᵢτᵢ (sum, TIES paper) or majority of the signs of wᵢτᵢ (count); "
+            "unweighted_sum / unweighted_count elect on the τᵢ before weighting and an entry agrees when "
+            "its τᵢ has the elected sign, whatever wᵢ's sign (PEFT's total / frequency)"
+        ),
     )
     disjoint: Literal["mean", "sum"] = Field(
         "mean", description="combine agreeing entries by their mean or their sum"
@@ -157,7 +162,7 @@ def lower(
             )
     elect = Elect.NONE
     if family.consensus:
-        elect = Elect.SUM if p.consensus == "sum" else Elect.COUNT
+        elect = _ELECT[p.consensus]
     return MergeSpec(
         experts=tuple(rules),
         elect=elect,
@@ -169,6 +174,12 @@ def lower(
 
 
 _DIVIDE = {"none": Divide.NONE, "weight": Divide.WEIGHT, "count": Divide.COUNT}
+_ELECT = {
+    "sum": Elect.SUM,
+    "count": Elect.COUNT,
+    "unweighted_sum": Elect.UNWEIGHTED_SUM,
+    "unweighted_count": Elect.UNWEIGHTED_COUNT,
+}
 
 
 def lower_linear(p: LinearParams, base: torch.Tensor, n_experts: int) -> MergeSpec:
@@ -176,7 +187,8 @@ def lower_linear(p: LinearParams, base: torch.Tensor, n_experts: int) -> MergeSp
     weights = per_expert(p.weight, n_experts, "weight")
     divide, constant = Divide.NONE, 1.0
     if p.normalize:
-        constant = sum(weights)
+        # the float32 sum of the float32 weights: the divisor mergekit divides by
+        constant = float(torch.tensor(weights, dtype=torch.float32).sum())
         if abs(constant) < 1e-8:
             raise ParameterError(f"linear: the weights sum to {constant}; cannot normalise (set normalize=false)")
         divide = Divide.CONSTANT

@@ -54,8 +54,13 @@ DEFAULT_EXCLUDE = ("embed", "wte", "wpe", "position_embedding", "lm_head")
 class WudiParams(MethodParams):
     steps: int = Field(300, ge=0, description="Adam iterations per tensor (official 300; 0 = task arithmetic with λ=1)")
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (official ViT 1e-5, RoBERTa 2e-5)")
-    solver: Literal["adam", "exact"] = Field(
-        "adam", description="adam: the official early-stopped Adam run; exact: closed-form ridge minimiser"
+    solver: Literal["adam", "exact", "autograd"] = Field(
+        "adam",
+        description=(
+            "adam: the official early-stopped Adam run (reformulated, batched); exact: closed-form ridge "
+            "minimiser; autograd: the official loop as written (autograd and torch.optim.Adam, one layer at "
+            "a time), the official code's and FusionBench's bits at several times adam's cost"
+        ),
     )
     ridge: float = Field(
         wudi_solve.DEFAULT_RIDGE,
@@ -225,8 +230,8 @@ def merge_wudi_group(
     if len(shapes) != 1:
         raise ValueError(f"wudi: a group must share one problem shape, got {sorted(shapes)}")
     solve_backend = want if want in ("torch", "cuda") else "auto"
-    if solve_backend == "cuda" and params.solver == "exact":
-        solve_backend = "torch"  # the exact solver is a linear solve: torch runs it on any device
+    if solve_backend == "cuda" and params.solver != "adam":
+        solve_backend = "torch"  # the exact and autograd solvers are torch's on any device
     used, (merged, losses) = backends.dispatch("wudi_solve", layers, backend=solve_backend, **_solve_kwargs(params))
     out = []
     for i, (base, _, ctx) in enumerate(items):

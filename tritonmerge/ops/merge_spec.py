@@ -12,9 +12,11 @@ The integer codes (``Keep``, ``Rescale``, ``Elect``, ``Divide``) are defined her
 Triton kernel reads them as constexprs, and the C source's enums carry the same numbers (a test
 reads backends/cpu/merge_cpu.c and compares).
 
-    τᵢ  = expertᵢ − base in float32                      (experts themselves when not task_vectors)
+    τᵢ  = expertᵢ − base in float32
     τ̃ᵢ  = rescaleᵢ(keepᵢ(τᵢ))
     out = base + λ · Σᵢ mᵢwᵢτ̃ᵢ / D                        (mᵢ: agrees with the elected sign, or 1)
+
+    without task_vectors (linear):  out = fma(eₙ, wₙ, … fma(e₁, w₁, 0)) / D
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class Elect(IntEnum):
     NONE = 0  # no election: every entry counts
     SUM = 1  # the sign of Σᵢ wᵢτ̃ᵢ
     COUNT = 2  # the majority of the signs of wᵢτ̃ᵢ
+    # PEFT's rules: elected on the unweighted τ̃ᵢ, and mᵢ = [sign τ̃ᵢ = elected sign] whatever wᵢ's
+    # sign (the fused executors decline them: the torch reference runs them)
+    UNWEIGHTED_SUM = 3  # the sign of Σᵢ τ̃ᵢ
+    UNWEIGHTED_COUNT = 4  # the majority of the signs of τ̃ᵢ
 
 
 class Divide(IntEnum):
@@ -154,7 +160,13 @@ def kept_task_vector(tau: torch.Tensor, rule: ExpertRule, element_offset: int = 
     return masked * float(before / after)
 
 
-_ELECTION = {Elect.NONE: None, Elect.SUM: "sum", Elect.COUNT: "count"}
+_ELECTION = {
+    Elect.NONE: None,
+    Elect.SUM: "sum",
+    Elect.COUNT: "count",
+    Elect.UNWEIGHTED_SUM: "unweighted_sum",
+    Elect.UNWEIGHTED_COUNT: "unweighted_count",
+}
 _DIVISOR = {Divide.NONE: "none", Divide.WEIGHT: "weight", Divide.COUNT: "count"}
 
 
@@ -166,9 +178,10 @@ def merge_by_spec(spec: MergeSpec, base: torch.Tensor, experts: Sequence[torch.T
     out_dtype = spec.out_dtype or base.dtype
     weights = [rule.weight for rule in spec.experts]
     if not spec.task_vectors:
+        # one fused multiply-add per expert, a single rounding each: mergekit's linear accumulates so
         total = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
         for e, w in zip(experts, weights):
-            total += w * e.to(torch.float32)
+            total.addcmul_(e.to(torch.float32), torch.tensor(w, dtype=torch.float32, device=base.device))
         if spec.divide == Divide.CONSTANT:
             total /= spec.divide_constant
         return total.to(out_dtype)
@@ -182,5 +195,6 @@ def merge_by_spec(spec: MergeSpec, base: torch.Tensor, experts: Sequence[torch.T
         weights,
         election=_ELECTION[spec.elect],
         divide_by=_DIVISOR[spec.divide],
+        unweighted=taus,
     )
     return (b + spec.lam * merged).to(out_dtype)

@@ -386,6 +386,35 @@ def official_wudi_autograd(
     return merged.detach().clone(), history
 
 
+def _autograd_layers(
+    layers: Sequence[torch.Tensor], *, steps: int, lr: float, device: torch.device, dtype: torch.dtype,
+    tf32: bool, out_device: torch.device,
+) -> tuple[torch.Tensor, WudiLosses]:
+    """``solver="autograd"``: ``official_wudi_autograd`` per layer. A zero task vector would put
+    0/0 into the official loss; it is dropped from its layer (adding nothing to Στᵢ either)."""
+    T, m, n = layers[0].shape
+    merged = torch.empty(len(layers), m, n, dtype=dtype, device=out_device)
+    losses = WudiLosses()
+    with matmul_precision(tf32, device):
+        for i, layer in enumerate(layers):
+            tv = layer.to(device=device, dtype=dtype)
+            live = tv.reshape(T, -1).abs().amax(dim=1) > 0
+            kept = tv[live]
+            if len(kept) == 0:
+                merged[i] = 0
+                losses.init.append(0.0)
+                losses.final.append(0.0)
+                losses.n_tasks.append(0)
+                continue
+            with torch.enable_grad():
+                tau, history = official_wudi_autograd(kept, steps=steps, lr=lr)
+            losses.init.append(history[0] if history else wudi_loss_direct(kept, tau))
+            losses.final.append(wudi_loss_direct(kept, tau))
+            losses.n_tasks.append(len(kept))
+            merged[i] = tau.to(out_device)
+    return merged, losses
+
+
 # ----------------------------------------------------------------------------------------------
 # the driver
 
@@ -443,7 +472,7 @@ def wudi_solve_batched(
     *,
     steps: int = 300,
     lr: float = 1e-5,
-    solver: Literal["adam", "exact"] = "adam",
+    solver: Literal["adam", "exact", "autograd"] = "adam",
     adam_step: AdamStep | None = None,
     ridge: float = DEFAULT_RIDGE,
     tf32: bool = False,
@@ -460,7 +489,9 @@ def wudi_solve_batched(
         task_vectors: [L, T, m, n] tensor, or a sequence of L tensors [T, m, n] (any float dtype,
             any device). Zero task vectors are dropped from their layer's loss.
         steps, lr: Adam iterations and learning rate (official: 300, 1e-5).
-        solver: ``adam`` (the official iterates) or ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n).
+        solver: ``adam`` (the official iterates), ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n) or
+            ``autograd`` (the official loop as written, ``official_wudi_autograd``, one layer at
+            a time: the official code's and FusionBench's bits, at several times the cost).
         adam_step: the fused Adam update to use (backends/cuda.py's, on CUDA tensors); None:
             torch's ops. The dispatcher (``backends.run_op("wudi_solve", ...)``) chooses it.
         tf32: allow TF32 tensor-core matmuls on CUDA (faster, ~1e-3 relative GEMM error).
@@ -475,8 +506,8 @@ def wudi_solve_batched(
     Returns:
         (merged [L, m, n] in ``dtype`` on the input's device, ``WudiLosses``).
     """
-    if solver not in ("adam", "exact"):
-        raise ValueError(f"wudi_solve_batched: solver {solver!r} is not 'adam' or 'exact'")
+    if solver not in ("adam", "exact", "autograd"):
+        raise ValueError(f"wudi_solve_batched: solver {solver!r} is not 'adam', 'exact' or 'autograd'")
     layers = list(task_vectors) if not isinstance(task_vectors, torch.Tensor) else task_vectors
     if len(layers) == 0:
         raise ValueError("wudi_solve_batched: no layers given")
@@ -489,6 +520,8 @@ def wudi_solve_batched(
             raise ValueError(f"wudi_solve_batched: layer shapes differ: {tuple(x.shape)} vs {(T, m, n)}")
     out_device = first.device
     dev = torch.device(device) if device is not None else first.device
+    if solver == "autograd":
+        return _autograd_layers(layers, steps=steps, lr=lr, device=dev, dtype=dtype, tf32=tf32, out_device=out_device)
     budget = int(batch_memory_gb * (1 << 30)) if batch_memory_gb is not None else default_budget(dev)
     per_layer = layer_bytes(m, n, T, solver=solver, orientation=orientation)
     batch = max(1, min(len(layers), budget // max(per_layer, 1)))

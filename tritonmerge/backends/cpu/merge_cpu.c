@@ -34,11 +34,17 @@
 /* At most this many segments: the low-bits histograms are kept per segment (N × 256 KiB each). */
 #define TM_MAX_SEGMENTS 16
 
-/* Hot loops get AVX2 and AVX-512 clones chosen at load time (the cached .so stays portable). */
+/* Hot loops get AVX2 and AVX-512 clones chosen at load time (the cached .so stays portable).
+   -ffp-contract=off keeps every a*b + c rounded twice, as the torch reference rounds it; the one
+   fused multiply-add (linear's) has clones of its own, since "avx2" alone lacks the instruction
+   (the default clone calls libm's fmaf: slower, equally exact). GCC resolves "arch=" clones by
+   exact CPU model, so only feature names are used. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TM_NO_TARGET_CLONES)
 #define TM_HOT __attribute__((target_clones("default", "avx2", "avx512f")))
+#define TM_FMA_CLONES __attribute__((target_clones("default", "fma", "avx512f")))
 #else
 #define TM_HOT
+#define TM_FMA_CLONES
 #endif
 
 enum { TM_F32 = 0, TM_BF16 = 1, TM_F16 = 2 };
@@ -50,7 +56,8 @@ enum {
     KEEP_RANDOM = 4     /* keep where the counter-based uniform u < keep_prob (DARE) */
 };
 enum { RESCALE_NONE = 0, RESCALE_DIVIDE = 1, RESCALE_MULTIPLY = 2 };
-enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2 };
+/* the unweighted elections (PEFT's TIES) are declined here: SUPPORTED_ELECTIONS in merge.py */
+enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2, ELECT_UNWEIGHTED_SUM = 3, ELECT_UNWEIGHTED_COUNT = 4 };
 enum { DIV_NONE = 0, DIV_WEIGHT = 1, DIV_COUNT = 2, DIV_CONSTANT = 3 };
 enum { TM_OK = 0, TM_ENOMEM = -1, TM_EINVAL = -2, TM_ERANGE = -3 };
 
@@ -1032,6 +1039,11 @@ static inline void apply_keep(const tm_args *a, int i, int64_t index0, int m, in
 
 TM_HOT int64_t tm_count_nonfinite_range(const void *p, int32_t dtype, int64_t start, int64_t end);
 
+/* acc = fma(t, w, acc): one rounding per element */
+TM_FMA_CLONES static void fma_accumulate(float *restrict acc, const float *restrict t, float w, int m) {
+    for (int j = 0; j < m; j++) acc[j] = fmaf(t[j], w, acc[j]);
+}
+
 /* Returns the number of NaN/Inf entries written (counted while the block is in L1); adds to
    *bad_in the input count of tm_args.input_nonfinite when that is set. */
 TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int64_t *budget, float wsum, float *scratch,
@@ -1066,7 +1078,8 @@ TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int6
                 for (int j = 0; j < m; j++) t[j] = t[j] / r;
             else if (a->rescale_mode[i] == RESCALE_MULTIPLY)
                 for (int j = 0; j < m; j++) t[j] = t[j] * r;
-            for (int j = 0; j < m; j++) t[j] = t[j] * w;
+            if (a->subtract_base) /* linear multiplies inside its fused multiply-add below */
+                for (int j = 0; j < m; j++) t[j] = t[j] * w;
         }
 
         for (int j = 0; j < m; j++) acc[j] = 0.0f;
@@ -1095,6 +1108,16 @@ TM_HOT int64_t tm_merge_range(const tm_args *a, int64_t start, int64_t end, int6
             }
             if (a->divide == DIV_WEIGHT || a->divide == DIV_COUNT)
                 for (int j = 0; j < m; j++) acc[j] = acc[j] / (div[j] == 0.0f ? 1.0f : div[j]);
+        } else if (!a->subtract_base) { /* linear: acc = fma(eᵢ, wᵢ, acc), one rounding per expert */
+            for (int i = 0; i < n; i++) {
+                if (a->keep_mode[i] == KEEP_NONE) continue;
+                const float *restrict t = taus + (size_t)i * TM_BLOCK;
+                fma_accumulate(acc, t, a->weight[i], m);
+            }
+            if (a->divide == DIV_CONSTANT) {
+                const float d = a->divide_constant;
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / d;
+            }
         } else {
             for (int i = 0; i < n; i++) {
                 if (a->keep_mode[i] == KEEP_NONE) continue;

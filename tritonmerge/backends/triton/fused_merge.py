@@ -198,7 +198,10 @@ def _fused_merge_kernel(
         )
         wt = tau * w
         if ELECT == _E_NONE:
-            pos += wt
+            if HAS_BASE:
+                pos += wt
+            else:  # linear: one fused multiply-add per expert, as the reference accumulates
+                pos = tl.fma(tau, w, pos)
             if DIVIDE == _D_WEIGHT:
                 div_pos += w
             elif DIVIDE == _D_COUNT:
