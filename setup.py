@@ -69,6 +69,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10", "xxhash>=3"],
         "triton": ["triton>=3.0"],
+        "mergekit": ["mergekit>=0.1.5,<0.2"],
         "peft": ["peft>=0.21,<0.22"],
         "fusion-bench": ["fusion-bench>=0.2.33,<0.3"],
     },
