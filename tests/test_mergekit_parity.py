@@ -111,15 +111,26 @@ def run_both(root: Path, jobs: list[tuple[str, Path, Path, Path]], read) -> dict
     return results
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_outputs_match_mergekit_within_one_ulp(merged, case):
-    theirs, ours = merged[case]
+def outputs_of(results: dict[str, Any], case: str) -> tuple[Any, Any]:
+    """(mergekit's output, ours) for a case, failing with the error text where either tool failed."""
+    theirs, ours = results[case]
     assert not isinstance(theirs, str), f"mergekit failed on {case}: {theirs}"
     assert not isinstance(ours, str), f"tritonmerge failed on {case}: {ours}"
+    return theirs, ours
+
+
+def assert_same_tensor_names_and_shapes(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     assert set(ours) == set(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:5]}"
+    for name in theirs:
+        assert ours[name].shape == theirs[name].shape, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_match_mergekit_within_one_ulp(merged, case):
+    theirs, ours = outputs_of(merged, case)
+    assert_same_tensor_names_and_shapes(ours, theirs)
     worst = {}
     for name in sorted(theirs):
-        assert ours[name].shape == theirs[name].shape, name
         assert ours[name].dtype == theirs[name].dtype == torch.float32, name
         worst[name] = ulp_distance(ours[name], theirs[name])
     if case != "passthrough":  # a merge that returned one of its inputs would prove little
@@ -194,15 +205,11 @@ def merged_slices(tmp_path_factory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", list(SLICE_CASES))
 def test_slices_match_mergekit_exactly(merged_slices, case):
-    theirs, ours = merged_slices[case]
-    assert not isinstance(theirs, str), f"mergekit failed on {case}: {theirs}"
-    assert not isinstance(ours, str), f"tritonmerge failed on {case}: {ours}"
-    (t_tensors, t_config), (o_tensors, o_config) = theirs, ours
-    assert set(o_tensors) == set(t_tensors), f"tensor names differ: {sorted(set(o_tensors) ^ set(t_tensors))[:5]}"
+    (t_tensors, t_config), (o_tensors, o_config) = outputs_of(merged_slices, case)
+    assert_same_tensor_names_and_shapes(o_tensors, t_tensors)
     assert o_config["num_hidden_layers"] == t_config["num_hidden_layers"]
     worst = {}
     for name in sorted(t_tensors):
-        assert o_tensors[name].shape == t_tensors[name].shape, name
         assert o_tensors[name].dtype == t_tensors[name].dtype == torch.float32, name
         worst[name] = ulp_distance(o_tensors[name], t_tensors[name])
     print(f"{case}: max {max(worst.values())} ulp over {len(worst)} tensors, {o_config['num_hidden_layers']} layers")
@@ -298,11 +305,8 @@ def _paired_z(inputs: list[dict[str, torch.Tensor]], ours: dict[str, torch.Tenso
 
 @pytest.mark.parametrize("case", list(RANDOM_CASES))
 def test_random_methods_match_mergekit_in_distribution(merged_random, case):
-    theirs, ours = merged_random[case]
-    assert not isinstance(theirs, str), f"mergekit failed on {case}: {theirs}"
-    assert not isinstance(ours, str), f"tritonmerge failed on {case}: {ours}"
-    assert set(ours) == set(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:5]}"
-    assert all(ours[n].shape == theirs[n].shape for n in theirs)
+    theirs, ours = outputs_of(merged_random, case)
+    assert_same_tensor_names_and_shapes(ours, theirs)
     z = _paired_z(merged_random["inputs"], ours, theirs)
     print(f"{case}: paired z " + ", ".join(f"{k} {v:+.2f}" for k, v in z.items()))
     assert all(abs(v) < Z_LIMIT for v in z.values()), f"{case}: distributions differ from mergekit's: {z}"
