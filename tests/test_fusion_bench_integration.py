@@ -265,9 +265,10 @@ _CHECKS = textwrap.dedent(
         "max_abs": max((a[k] - b[k]).abs().max().item() for k in a),
     }
 
-    # 3. FusionBench's own TIES: model-scope threshold, sum/mean, several thresholds
+    # 3. FusionBench's own TIES: model-scope threshold, sum/mean/max, several thresholds
     ties = {}
-    for merge_func, extra in (("sum", {"disjoint": "sum"}), ("mean", {"disjoint": "mean", "normalize": False})):
+    merge_funcs = (("sum", {"disjoint": "sum"}), ("mean", {"disjoint": "mean", "normalize": False}), ("max", {"disjoint": "max"}))
+    for merge_func, extra in merge_funcs:
         for threshold in (20, 50, 0.3):
             fb = TiesMergingAlgorithm(scaling_factor=0.3, threshold=threshold, remove_keys=[], merge_func=merge_func).run(tiny_pool())
             density = threshold / 100 if threshold > 1 else threshold
@@ -439,6 +440,7 @@ def test_fusion_bench_wudi_is_matched(checks):
 
 @needs_fusion_bench
 def test_fusion_bench_ties_is_matched_exactly(checks):
+    assert {case.split("-")[0] for case in checks["ties"]} == {"sum", "mean", "max"}
     for case, row in checks["ties"].items():
         assert row["equal"], (case, row)
 

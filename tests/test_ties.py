@@ -205,3 +205,31 @@ def test_model_scope_threshold_is_shared_across_tensors():
     assert int((out["small"] != 0).sum()) == 0
     per_tensor = tm.merge_state_dicts("ties", base, [expert], density=0.4, topk_scope="tensor")
     assert int((per_tensor["small"] != 0).sum()) == 20
+
+
+def test_disjoint_max_takes_the_largest_agreeing_magnitude_with_the_elected_sign():
+    base = torch.zeros(4, dtype=torch.float64)
+    # per entry: the elected sign (sign of the weighted sum), then the largest agreeing |wτ|
+    taus = [torch.tensor([1.0, -3.0, 2.0, 0.0]), torch.tensor([-0.5, 1.0, 4.0, 0.0]), torch.tensor([2.0, -1.0, -5.0, 0.0])]
+    experts = [base + t.double() for t in taus]
+    weights = [1.0, 2.0, 0.5]
+    merged = tm.merge_tensors(
+        "ties", base, experts, density=1.0, weight=weights, disjoint="max", **{"lambda": 0.5}
+    )
+    # entry 0: wτ = 1, −1, 1 → sum +1, agreeing |wτ| = 1, 1 → +1
+    # entry 1: wτ = −3, 2, −0.5 → sum −1.5, agreeing 3, 0.5 → −3
+    # entry 2: wτ = 2, 8, −2.5 → sum +7.5, agreeing 2, 8 → +8
+    # entry 3: nothing moved → 0
+    expected = 0.5 * torch.tensor([1.0, -3.0, 8.0, 0.0], dtype=torch.float64)
+    assert torch.equal(merged, expected)
+
+
+def test_disjoint_max_is_declined_by_the_fused_executors_with_a_reason():
+    from tritonmerge.backends.cpu.merge import merge_cpu_reasons
+    from tritonmerge.backends.triton.merge import merge_triton_reasons
+    from tritonmerge.ops.merge_spec import Aggregate, Elect, ExpertRule, MergeSpec
+
+    spec = MergeSpec(experts=(ExpertRule(1.0), ExpertRule(1.0)), elect=Elect.SUM, aggregate=Aggregate.MAX_MAGNITUDE)
+    base, experts = torch.zeros(64), [torch.ones(64), -torch.ones(64)]
+    for reasons in (merge_cpu_reasons(spec, base, experts), merge_triton_reasons(spec, base, experts)):
+        assert any("aggregate MAX_MAGNITUDE" in r for r in reasons), reasons

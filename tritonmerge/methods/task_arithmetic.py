@@ -33,7 +33,7 @@ from ..backends.triton.merge import EXECUTOR as triton_executor
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError
 from ..ops.family import Family, divisor_rule
-from ..ops.merge_spec import Divide, Elect, ExpertRule, Keep, MergeSpec, merge_by_spec
+from ..ops.merge_spec import Aggregate, Divide, Elect, ExpertRule, Keep, MergeSpec, merge_by_spec
 from ..ops.rng import stream_keys
 from ..ops.select import keep_count
 from ..ops.sparsify import expert_densities
@@ -93,8 +93,8 @@ class ConsensusMixin(MethodParams):
             "its τᵢ has the elected sign, whatever wᵢ's sign (PEFT's total / frequency)"
         ),
     )
-    disjoint: Literal["mean", "sum"] = Field(
-        "mean", description="combine agreeing entries by their mean or their sum"
+    disjoint: Literal["mean", "sum", "max"] = Field(
+        "mean", description="combine agreeing entries by their mean, their sum, or the largest magnitude with the elected sign (max, FusionBench's merge_func max)"
     )
     normalize: bool = Field(
         True,
@@ -113,11 +113,11 @@ class TiesParams(ConsensusMixin, MagnitudeParams):
 
 
 class DareTiesParams(ConsensusMixin, DareParams):
-    disjoint: Literal["mean", "sum"] = Field("sum", description="combine agreeing entries by their mean or their sum")
+    disjoint: Literal["mean", "sum", "max"] = Field("sum", description="combine agreeing entries by their mean, their sum, or the largest magnitude with the elected sign (max, FusionBench's merge_func max)")
 
 
 class BreadcrumbsTiesParams(ConsensusMixin, BreadcrumbsParams):
-    disjoint: Literal["mean", "sum"] = Field("sum", description="combine agreeing entries by their mean or their sum")
+    disjoint: Literal["mean", "sum", "max"] = Field("sum", description="combine agreeing entries by their mean, their sum, or the largest magnitude with the elected sign (max, FusionBench's merge_func max)")
 
 
 class DellaTiesParams(ConsensusMixin, DellaParams):
@@ -167,6 +167,7 @@ def lower(
         experts=tuple(rules),
         elect=elect,
         divide=_DIVIDE[divisor_rule(p, family)],
+        aggregate=Aggregate.MAX_MAGNITUDE if family.consensus and p.disjoint == "max" else Aggregate.SUM,
         lam=p.lambda_,
         element_offset=ctx.element_offset,
         out_dtype=base.dtype,

@@ -32,6 +32,7 @@ def combine(
     election: Election | None,
     divide_by: Literal["weight", "count", "none"],
     unweighted: Sequence[torch.Tensor] | None = None,
+    aggregate: Literal["sum", "max_magnitude"] = "sum",
 ) -> torch.Tensor:
     """Σᵢ mᵢ·wᵢτᵢ / D where mᵢ selects entries agreeing with the elected sign (all entries when
     ``election`` is None) and D is Σᵢ wᵢmᵢ ("weight"), Σᵢ mᵢ over non-zero entries ("count") or 1.
@@ -39,7 +40,10 @@ def combine(
 
     ``weighted`` holds wᵢτᵢ. The "unweighted_" elections also need τᵢ (``unweighted``): the sign
     is elected on them and mᵢ = [sign τᵢ = elected sign], so a negative weight flips an expert's
-    contribution without changing its vote (PEFT's ``ties``/``dare_ties``)."""
+    contribution without changing its vote (PEFT's ``ties``/``dare_ties``).
+
+    ``aggregate="max_magnitude"`` returns the elected sign times the largest |wᵢτᵢ| among the
+    agreeing entries (0 where none agrees) instead of the sum, and takes no divisor."""
     if election in UNWEIGHTED:
         if unweighted is None or len(unweighted) != len(weighted):
             raise ValueError(f"election {election!r} needs the unweighted task vectors, one per expert")
@@ -47,6 +51,14 @@ def combine(
     else:
         voters = weighted
     majority = elect_sign(voters, election) if election is not None else None
+    if aggregate == "max_magnitude":
+        if majority is None or divide_by != "none":
+            raise ValueError("aggregate='max_magnitude' needs a sign election and no divisor")
+        largest = torch.zeros_like(weighted[0])
+        for w_tau, voter in zip(weighted, voters):
+            agree = torch.sign(voter) == majority
+            largest = torch.maximum(largest, torch.where(agree, w_tau.abs(), 0.0))
+        return largest * majority
     mixed = torch.zeros_like(weighted[0])
     divisor = torch.zeros_like(weighted[0]) if divide_by != "none" else None
     for w_tau, voter, w in zip(weighted, voters, weights):

@@ -30,7 +30,7 @@ def divisor_rule(p: Any, family: Family) -> Divisor:
     """What Σᵢ mᵢwᵢτ̃ᵢ is divided by: Σ of the agreeing weights (weight), the count of agreeing
     entries (count), or nothing (none)."""
     if family.consensus:
-        if p.disjoint == "sum":
+        if p.disjoint in ("sum", "max"):
             return "none"
         return "weight" if p.normalize else "count"
     return "weight" if p.normalize else "none"

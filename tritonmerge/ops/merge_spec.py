@@ -69,6 +69,15 @@ class Divide(IntEnum):
     CONSTANT = 3  # D = ``divide_constant``
 
 
+class Aggregate(IntEnum):
+    """How the agreeing entries are combined before the divisor."""
+
+    SUM = 0  # Σᵢ mᵢwᵢτ̃ᵢ
+    # the elected sign times the largest agreeing |wᵢτ̃ᵢ| (FusionBench's TIES merge_func "max"; the
+    # fused executors decline it: the torch reference runs it)
+    MAX_MAGNITUDE = 1
+
+
 RescaleRule = Literal["none", "keep_prob", "l1"]
 
 
@@ -102,6 +111,7 @@ class MergeSpec:
     elect: Elect = Elect.NONE
     divide: Divide = Divide.NONE
     divide_constant: float = 1.0  # Divide.CONSTANT
+    aggregate: Aggregate = Aggregate.SUM
     lam: float = 1.0
     # False: the experts are combined as they are and the base is not added (linear averaging)
     task_vectors: bool = True
@@ -196,5 +206,6 @@ def merge_by_spec(spec: MergeSpec, base: torch.Tensor, experts: Sequence[torch.T
         election=_ELECTION[spec.elect],
         divide_by=_DIVISOR[spec.divide],
         unweighted=taus,
+        aggregate="max_magnitude" if spec.aggregate == Aggregate.MAX_MAGNITUDE else "sum",
     )
     return (b + spec.lam * merged).to(out_dtype)

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .. import self_check
-from ...ops.merge_spec import Divide, Elect, Keep, MergeSpec, Rescale
+from ...ops.merge_spec import Aggregate, Divide, Elect, Keep, MergeSpec, Rescale
 from . import kernels as ck
 
 # id(output tensor) -> (weak reference, tensor version, NaN/Inf entries the fused merge wrote),
@@ -87,6 +87,8 @@ def merge_cpu_reasons(spec: MergeSpec, base: torch.Tensor, experts: Sequence[tor
         reasons.append(f"sign election {spec.elect.name} is not implemented in the fused CPU loops")
     if spec.divide not in SUPPORTED_DIVISORS:
         reasons.append(f"divisor {spec.divide.name} is not implemented in the fused CPU loops")
+    if spec.aggregate != Aggregate.SUM:
+        reasons.append(f"aggregate {spec.aggregate.name} is not implemented in the fused CPU loops")
     if any(rule.keep == Keep.TOPK and rule.outliers for rule in spec.experts):
         reasons.append("removing the largest entries (breadcrumbs) is not implemented in the fused CPU loops")
     return reasons

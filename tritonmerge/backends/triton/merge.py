@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ...ops.merge_spec import Divide, Elect, Keep, MergeSpec
+from ...ops.merge_spec import Aggregate, Divide, Elect, Keep, MergeSpec
 
 MAX_EXPERTS = 16  # the kernel loop is dynamic; this is the range the tests cover
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,6 +69,8 @@ def merge_triton_reasons(spec: MergeSpec, base: torch.Tensor, experts: Sequence[
         reasons.append(f"sign election {spec.elect.name} is not implemented in the Triton merge")
     if spec.divide not in SUPPORTED_DIVISORS:
         reasons.append(f"divisor {spec.divide.name} is not implemented in the Triton merge")
+    if spec.aggregate != Aggregate.SUM:
+        reasons.append(f"aggregate {spec.aggregate.name} is not implemented in the Triton merge")
     return reasons
 
 
