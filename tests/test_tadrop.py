@@ -105,7 +105,88 @@ def test_negentropy_is_zero_for_a_flat_histogram_and_larger_when_concentrated():
     assert float(peaked) > 1.0
 
 
+def test_effective_rank_and_stable_rank_by_hand():
+    u = torch.tensor([[1.0], [2.0], [-1.0], [0.5]], dtype=torch.float64)
+    v = torch.tensor([[3.0, -1.0, 0.0, 2.0, 1.0]], dtype=torch.float64)
+    rank1 = u @ v
+    assert T.effective_rank(rank1) == pytest.approx(1.0, abs=1e-9)
+    assert T.stable_rank(rank1) == pytest.approx(1.0, abs=1e-12)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert T.effective_rank(eye) == pytest.approx(6.0, rel=1e-12)
+    assert T.stable_rank(eye) == pytest.approx(6.0, rel=1e-12)
+    # singular values 3 and 1: p = (3/4, 1/4), erank = exp(H(p)); stable rank (9 + 1)/9
+    diag = torch.tensor([[0.0, 3.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert T.effective_rank(diag) == pytest.approx(math.exp(h), rel=1e-12)
+    assert T.stable_rank(diag) == pytest.approx(10.0 / 9.0, rel=1e-12)
+    # oriented: 1 − rank / min(m, n), larger = more concentrated
+    assert T.spectral_statistic(rank1, "effective_rank") == pytest.approx(1 - 1 / 4, abs=1e-9)
+    assert T.spectral_statistic(eye, "stable_rank_ratio") == pytest.approx(0.0, abs=1e-12)
+    assert T.spectral_statistic(diag, "effective_rank") == pytest.approx(1 - math.exp(h) / 2, rel=1e-12)
+    # undefined: not 2-D, zero, a single row
+    for bad in (torch.ones(8, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), torch.ones(1, 9)):
+        assert math.isnan(T.spectral_statistic(bad, "effective_rank"))
+        assert math.isnan(T.spectral_statistic(bad, "stable_rank_ratio"))
+
+
+def test_sign_agreement_by_hand():
+    # task 0's top-2 entries (by |τ|) are positions 0 and 3; the others' sum there is (+2, −1):
+    # sign agrees at 0 (τ₀ = +5), disagrees at 3 (τ₀ = +4) -> 1/2
+    t0 = torch.tensor([5.0, 0.1, -0.2, 4.0], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 1.0, 1.0, -3.0], dtype=torch.float64)
+    t2 = torch.tensor([1.0, -1.0, 0.0, 2.0], dtype=torch.float64)
+    got = T.sign_agreement([t0, t1, t2], [0.5, 0.25, 0.75])
+    # task 1, k=1: position 3 (−3) vs t0 + t2 = +6 -> 0
+    # task 2, k=3: positions 0 (+1 vs +6 agree), 1 (−1 vs +1.1 no), 3 (+2 vs +1 agree) -> 2/3
+    torch.testing.assert_close(got, torch.tensor([0.5, 0.0, 2 / 3], dtype=torch.float64))
+    # a zero sum of the others agrees with nothing; one task alone has no value
+    assert float(T.sign_agreement([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [0.5, 0.5])[0]) == 0.0
+    assert math.isnan(float(T.sign_agreement([t0], [0.5])[0]))
+
+
 # --- the decision function ------------------------------------------------------------------------
+
+
+def test_model_scope_centres_over_all_tasks_and_keeps_each_tasks_mean():
+    # task 1's statistics are a scaled copy of task 0's: per task the z-scores are equal, over the
+    # model task 0's values all lie below the mean and close together, task 1's spread widely
+    values = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]], dtype=torch.float64)
+    numels = [100, 200, 300]
+    asked = [0.3, 0.4]
+    kw = dict(mapping="zscore", strength=0.3, min_density=0.01, max_density=1.0)
+    per_task = T.decide_densities(values, numels, asked, scope="task", **kw)
+    per_model = T.decide_densities(values, numels, asked, scope="model", **kw)
+    for dens in (per_task, per_model):
+        for got, want in zip(T.weighted_mean_density(dens, numels), asked):
+            assert abs(got - want) <= 1e-9
+    # by hand: z over the model, raw = d̄(1 + βz), then the shift that restores each task's mean
+    flat = values.flatten()
+    z = ((flat - flat.mean()) / flat.std(unbiased=False)).reshape(2, 3)
+    w = torch.tensor(numels, dtype=torch.float64)
+    for i, target in enumerate(asked):
+        raw = target * (1 + 0.3 * z[i])
+        want = raw + (target - float((raw * w).sum() / w.sum()))
+        torch.testing.assert_close(per_model[i], want)
+    spread_task = (per_task[:, 2] - per_task[:, 0]) / torch.tensor(asked, dtype=torch.float64)
+    spread_model = (per_model[:, 2] - per_model[:, 0]) / torch.tensor(asked, dtype=torch.float64)
+    assert float(spread_task[0]) == pytest.approx(float(spread_task[1]), rel=1e-9)
+    assert float(spread_model[1]) > 5 * float(spread_model[0]) > 0
+    # without preserve_mean the model scope also moves whole tasks: task 1 (higher values) gets more
+    free = T.decide_densities(values, numels, [0.3, 0.3], scope="model", preserve_mean=False, **{
+        k: v for k, v in kw.items()})
+    assert float(free[1].mean()) > 0.3 > float(free[0].mean())
+
+
+def test_model_scope_rank_over_all_pairs():
+    values = torch.tensor([[1.0, 4.0], [2.0, 3.0]], dtype=torch.float64)
+    dens = T.decide_densities(values, [1, 1], [0.4, 0.4], mapping="rank", strength=0.6, scope="model",
+                              preserve_mean=False)
+    # model ranks 0, 3 | 1, 2 -> u = −1, 1 | −1/3, 1/3
+    torch.testing.assert_close(dens, 0.4 * (1 + 0.6 * torch.tensor([[-1.0, 1.0], [-1 / 3, 1 / 3]], dtype=torch.float64)))
+    # a task asking density 1 keeps it everywhere and takes no part in the model's ranking
+    dens = T.decide_densities(values, [1, 1], [1.0, 0.4], mapping="rank", strength=0.6, scope="model",
+                              preserve_mean=False)
+    torch.testing.assert_close(dens, torch.tensor([[1.0, 1.0], [0.4 * 0.4, 0.4 * 1.6]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mapping", ["zscore", "zscore_additive", "rank"])
@@ -181,6 +262,111 @@ def test_heavy_tailed_tensor_gets_more_density_than_gaussian_ones(statistic, poo
                      direction="keep_diffuse")
     assert all(h < g for h, g in zip(reverse.tensors["model.layers.0.mlp.weight"].density,
                                      reverse.tensors["model.layers.1.attn.weight"].density))
+
+
+def low_rank_model(n_experts: int = 2, seed: int = 0):
+    """Tensors whose task vectors are rank 1 ("low") or full-rank Gaussian ("full")."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = {"model.layers.0.attn.weight": "low", "model.layers.0.mlp.weight": "full",
+             "model.layers.1.attn.weight": "full", "model.layers.1.mlp.weight": "full",
+             "model.layers.0.norm.weight": "full"}
+    base, experts = {}, [{} for _ in range(n_experts)]
+    for name, kind in kinds.items():
+        shape = (ROWS,) if name.endswith("norm.weight") else (ROWS, COLS)
+        b = torch.randn(shape, generator=gen, dtype=torch.float64)
+        base[name] = b.to(torch.float32)
+        for sd in experts:
+            if kind == "low":
+                tau = 0.01 * torch.randn(ROWS, 1, generator=gen, dtype=torch.float64) @ torch.randn(
+                    1, COLS, generator=gen, dtype=torch.float64)
+            else:
+                tau = gaussian(gen, shape)
+            sd[name] = (b + tau).to(torch.float32)
+    return base, experts
+
+
+@pytest.mark.parametrize("statistic", ["effective_rank", "stable_rank_ratio"])
+@pytest.mark.parametrize("pool", ["task", "pooled"])
+def test_rank_one_task_vector_gets_more_density_under_keep_concentrated(statistic, pool):
+    base, experts = low_rank_model()
+    decisions = decide(base, experts, merge_method="ties", density=0.3, statistic=statistic, pool=pool)
+    low = decisions.tensors["model.layers.0.attn.weight"].density
+    for name in ("model.layers.0.mlp.weight", "model.layers.1.attn.weight", "model.layers.1.mlp.weight"):
+        assert all(a > b for a, b in zip(low, decisions.tensors[name].density)), name
+    row = decisions.summary["tadrop"]["tensors"]["model.layers.0.attn.weight"]["statistic"]
+    if pool == "task":  # (the mean of two rank-1 task vectors has rank 2)
+        assert row == pytest.approx([1 - 1 / ROWS] * 2, abs=1e-4)  # effective/stable rank 1 of 48
+    reverse = decide(base, experts, merge_method="ties", density=0.3, statistic=statistic, pool=pool,
+                     direction="keep_diffuse")
+    assert all(a < b for a, b in zip(reverse.tensors["model.layers.0.attn.weight"].density,
+                                     reverse.tensors["model.layers.1.attn.weight"].density))
+
+
+def test_sign_agreement_prunes_the_tensor_the_tasks_share_harder():
+    """On one tensor every task moves the same way (redundant); on the others they are independent."""
+    gen = torch.Generator().manual_seed(4)
+    base, experts = model(KINDS, n_experts=3, seed=4)
+    shared = gaussian(gen)
+    name = "model.layers.1.attn.weight"
+    for sd in experts:
+        sd[name] = (base[name].double() + shared + 0.1 * gaussian(gen)).to(torch.float32)
+    decisions = decide(base, experts, merge_method="ties", density=0.3, statistic="sign_agreement", transform="none")
+    row = decisions.summary["tadrop"]["tensors"][name]["statistic"]
+    assert all(v < 0.05 for v in row), row  # 1 − agreement: nearly every top entry agrees
+    for other in ("model.layers.0.attn.weight", "model.layers.1.mlp.weight"):
+        assert all(0.3 < v < 0.7 for v in decisions.summary["tadrop"]["tensors"][other]["statistic"])
+        assert all(a < b for a, b in zip(decisions.tensors[name].density, decisions.tensors[other].density))
+    # the value is the function's on the task vectors
+    taus = [e[name].double() - base[name].double() for e in experts]
+    want = 1 - T.sign_agreement([t.float() for t in taus], [0.3] * 3)
+    assert row == pytest.approx(want.tolist(), abs=1e-12)
+
+
+def test_sign_agreement_needs_two_experts():
+    base, experts = model(KINDS, n_experts=1)
+    with pytest.raises(ParameterError, match=r"sign_agreement.*at least 2 experts"):
+        decide(base, experts, merge_method="ties", statistic="sign_agreement")
+
+
+@pytest.mark.parametrize("statistic", ["effective_rank", "sign_agreement"])
+@pytest.mark.parametrize("scope", ["task", "model"])
+def test_new_readings_keep_the_mean_exact(statistic, scope):
+    base, experts = model(KINDS)
+    asked = [0.3, 0.4, 0.5]
+    decisions = decide(base, experts, merge_method="ties", density=asked, strength=2.0, min_density=0.2,
+                       max_density=0.6, statistic=statistic, scope=scope)
+    for i, want in enumerate(asked):
+        assert decisions.summary["tadrop"]["tasks"][i]["mean_density"] == pytest.approx(want, abs=1e-9)
+    assert decisions.summary["tadrop"]["scope"] == scope
+
+
+@pytest.mark.parametrize("params", [
+    {"statistic": "effective_rank", "scope": "model"},
+    {"statistic": "sign_agreement"},
+    {"statistic": "stable_rank_ratio", "pool": "pooled"},
+])
+def test_engine_on_disk_equals_in_memory_for_new_readings(tmp_path, params):
+    from _checkpoints import load_folder, make_tiny
+    from tritonmerge.config import load_config
+    from tritonmerge.engine import MergeOptions, run_merge
+
+    base_dir, expert_dirs = make_tiny(tmp_path / "models")
+    cfg = {"merge_method": "tadrop", "base_model": str(base_dir), "models": [{"model": str(e)} for e in expert_dirs],
+           "parameters": {"merge_method": "ties", "density": 0.4, "strength": 1.0, **params}}
+    out = tmp_path / "out"
+    run_merge(cfg, out, MergeOptions(memory_budget="20KB", quiet=True))
+    saved = json.loads((out / "tritonmerge_decisions.json").read_text())
+    b, es = load_folder(base_dir), [load_folder(e) for e in expert_dirs]
+    report = MergeReport()
+    expected = tm.merge_state_dicts("tadrop", b, es, report=report, **load_config(cfg).resolve("", 0.0))
+    got = load_folder(out)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    summary = report.decisions.summary["tadrop"]
+    assert saved["summary"]["tadrop"]["tensors"] == json.loads(json.dumps(summary["tensors"]))
+    densities = [row["density"] for row in summary["tensors"].values()]
+    assert any(len(set(d)) > 1 or d[0] != 0.4 for d in densities), "the statistic must move densities"
 
 
 @pytest.mark.parametrize("inner", ["ties", "magnitude", "dare_linear", "della"])
@@ -268,6 +454,8 @@ def test_bf16_inputs_and_dtype_kept():
         ({"merge_method": "ties", "topk_scope": "model"}, r"topk_scope='tensor'"),
         ({"merge_method": "della", "density": 0.1, "epsilon": 0.15}, r"della's density ± epsilon"),
         ({"merge_method": "ties", "densty": 0.3}, r"unknown parameter 'densty'.*'density'"),
+        ({"merge_method": "ties", "statistic": "sign_agreement", "pool": "pooled"}, r"sign_agreement.*pool='task'"),
+        ({"merge_method": "ties", "scope": "tensor"}, r"scope.*'task'"),
     ],
 )
 def test_bad_parameters_give_clear_errors(kwargs, match):

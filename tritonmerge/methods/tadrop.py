@@ -13,10 +13,14 @@ For every task i and adapted tensor j (float, ``numel >= min_numel``, and not 1-
 ``adapt_1d``), with d̄ᵢ the inner method's ``density`` for task i:
 
     sᵢⱼ = statistic of τᵢⱼ (pool="task") or of the mean task vector (pool="pooled"), oriented so
-          that larger = more concentrated / heavier-tailed / "sparser, more critical";
+          that larger = more concentrated / heavier-tailed / "sparser, more critical" (spectral
+          statistics of a 2-D τ: 1 − effective rank / min(m, n) or 1 − stable rank / min(m, n);
+          cross-task: 1 − the share of τᵢⱼ's top-d̄ᵢ entries whose sign agrees with the other
+          tasks' summed τ, so that redundancy with the other tasks scores low);
           then ``transform`` (log1p of the distance to the statistic's lower bound, or none)
     uᵢⱼ = z-score of sᵢⱼ over task i's adapted tensors (mapping zscore, zscore_additive), or its
-          rank mapped linearly onto [−1, 1] (mapping rank); u = 0 where the statistic is undefined
+          rank mapped linearly onto [−1, 1] (mapping rank); u = 0 where the statistic is undefined;
+          with ``scope="model"`` over all (task, tensor) pairs of the model together
     rawᵢⱼ = d̄ᵢ·(1 + σβuᵢⱼ)   (zscore, rank)      or   d̄ᵢ + σβuᵢⱼ   (zscore_additive)
           σ = +1 for direction="keep_concentrated" (the abstract's reading), −1 for "keep_diffuse"
     dᵢⱼ = clip(rawᵢⱼ + cᵢ, min_density, max_density)
@@ -29,8 +33,9 @@ The densities go to the inner method through ``TensorDecisions.density`` (read b
 Bernoulli keep probability for DARE, the centre of DELLA's keep probabilities.
 
 The analysis is one streaming read of every float tensor (``backends.run_op("task_vector_stats")``, plus a
-magnitude histogram only for ``statistic="entropy"``); the decision step is the pure function
-``decide_densities`` on the resulting small table.
+magnitude histogram only for ``statistic="entropy"``, an SVD per (task, tensor) for the spectral
+statistics, a top-k mask per (task, tensor) for ``sign_agreement``); the decision step is the pure
+function ``decide_densities`` on the resulting small table.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ import math
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError, UnknownMethodError
 from .. import backends
+from ..ops.select import keep_count
 from ..ops.stats import STAT_COLUMNS
 from ..params import MethodParams, per_expert
 from ..registry import Composite, MergeMethod, get_method, method_table, register
@@ -56,11 +62,28 @@ SPARSIFYING = tuple(
     name for name, m in method_table().items() if m.family is not None and m.family.sparsify is not None
 )
 
-Statistic = Literal["kurtosis", "l1_l2", "cv", "max_ratio", "entropy"]
+Statistic = Literal[
+    "kurtosis", "l1_l2", "cv", "max_ratio", "entropy", "effective_rank", "stable_rank_ratio", "sign_agreement"
+]
 Mapping = Literal["zscore", "zscore_additive", "rank"]
 
+# Statistics of a 2-D task vector's singular values (an SVD per (task, tensor)); other shapes
+# have none and count as average (score 0).
+SPECTRAL = ("effective_rank", "stable_rank_ratio")
+# Statistics that compare a task's vector with the other tasks' (all experts of a tensor at once).
+CROSS_TASK = ("sign_agreement",)
+
 # The smallest value each (oriented) statistic can take; ``transform="log"`` uses log1p(s − bound).
-STATISTIC_LOWER_BOUND = {"kurtosis": -2.0, "l1_l2": 1.0, "cv": 0.0, "max_ratio": 1.0, "entropy": 0.0}
+STATISTIC_LOWER_BOUND = {
+    "kurtosis": -2.0,
+    "l1_l2": 1.0,
+    "cv": 0.0,
+    "max_ratio": 1.0,
+    "entropy": 0.0,
+    "effective_rank": 0.0,
+    "stable_rank_ratio": 0.0,
+    "sign_agreement": 0.0,
+}
 
 _COL = {name: i for i, name in enumerate(STAT_COLUMNS)}
 
@@ -76,7 +99,12 @@ class TadropParams(MethodParams):
         "kurtosis",
         description=(
             "distribution statistic of τ per tensor, larger = more concentrated: kurtosis (excess), "
-            "l1_l2 (√n·‖τ‖₂/‖τ‖₁), cv (std/mean of |τ|), max_ratio (max|τ|/RMS), entropy (negentropy of the |τ| histogram)"
+            "l1_l2 (√n·‖τ‖₂/‖τ‖₁), cv (std/mean of |τ|), max_ratio (max|τ|/RMS), entropy (negentropy of the |τ| histogram); "
+            "2-D only, from τ's singular values (one SVD per task and tensor; other shapes count as average): "
+            "effective_rank (1 − erank/min(m,n), erank = exp of the entropy of σ/Σσ), "
+            "stable_rank_ratio (1 − (‖τ‖_F²/σ_max²)/min(m,n)); "
+            "across tasks: sign_agreement (1 − share of task i's top-density entries whose sign agrees with the "
+            "other tasks' summed τ: redundant with the others = low = pruned harder)"
         ),
     )
     transform: Literal["log", "none"] = Field(
@@ -98,6 +126,13 @@ class TadropParams(MethodParams):
     )
     pool: Literal["task", "pooled"] = Field(
         "task", description="task: statistic per (task, tensor); pooled: one statistic per tensor from the mean task vector"
+    )
+    scope: Literal["task", "model"] = Field(
+        "task",
+        description=(
+            "task: scores centred (z-score or rank) over each task's own tensors; model: over all (task, tensor) pairs "
+            "of the model together (the per-task mean is still preserved with preserve_mean)"
+        ),
     )
     min_numel: int = Field(1024, ge=1, description="tensors with fewer elements keep the asked density")
     adapt_1d: bool = Field(False, description="also adapt 1-D tensors (biases, norms) that have at least min_numel elements")
@@ -124,6 +159,15 @@ class TadropParams(MethodParams):
         if low is not None and value < low:
             raise ValueError(f"max_density must be >= min_density ({low})")
         return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TadropParams":
+        if self.statistic in CROSS_TASK and self.pool == "pooled":
+            raise ValueError(
+                f"statistic={self.statistic!r} compares each task with the others, so it has no pooled value; "
+                "use pool='task'"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +236,83 @@ def negentropy_from_histogram(hist: torch.Tensor) -> torch.Tensor:
     entropy = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(-1)
     out = math.log(h.shape[-1]) - entropy
     return torch.where(total.squeeze(-1) > 0, out, torch.full_like(out, float("nan")))
+
+
+def _spectral_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when the inputs are float64 (exact references), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def singular_values(tau: torch.Tensor) -> torch.Tensor | None:
+    """Singular values of a 2-D task vector (``torch.linalg.svdvals`` in float32, float64 for
+    float64 input), returned in float64; None for other shapes or a zero / degenerate matrix."""
+    if tau.dim() != 2 or min(tau.shape) < 2:
+        return None
+    x = tau.detach().to(_spectral_dtype(tau))
+    if not bool(torch.isfinite(x).all()):
+        return None
+    sv = torch.linalg.svdvals(x).to(torch.float64)
+    if float(sv.sum()) <= 0.0:
+        return None
+    return sv
+
+
+def effective_rank(tau: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank exp(H(p)), p = σ/Σσ (float64): 1 for a rank-1 matrix, n for
+    the n×n identity. NaN where ``singular_values`` gives none."""
+    sv = singular_values(tau)
+    if sv is None:
+        return float("nan")
+    p = sv / sv.sum()
+    entropy = -float(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p)).sum())
+    return math.exp(entropy)
+
+
+def stable_rank(tau: torch.Tensor) -> float:
+    """‖τ‖_F² / σ_max² (float64): 1 for rank 1, n for the n×n identity. NaN as ``effective_rank``."""
+    sv = singular_values(tau)
+    if sv is None:
+        return float("nan")
+    return float((sv * sv).sum() / (sv[0] * sv[0]))
+
+
+def spectral_statistic(tau: torch.Tensor, statistic: str) -> float:
+    """Oriented spectral statistic, larger = more concentrated spectrum ("sparser, more
+    critical"): 1 − rank/min(m, n) for ``effective_rank`` or ``stable_rank``, in [0, 1 − 1/min(m, n)];
+    0 for a flat spectrum (identity), 1 − 1/min(m, n) for rank 1. NaN if not 2-D or zero."""
+    if statistic == "effective_rank":
+        rank = effective_rank(tau)
+    elif statistic == "stable_rank_ratio":
+        rank = stable_rank(tau)
+    else:
+        raise ValueError(f"statistic {statistic!r} is not spectral")
+    if not math.isfinite(rank):
+        return float("nan")
+    return 1.0 - rank / min(tau.shape)
+
+
+def sign_agreement(taus: Sequence[torch.Tensor], densities: Sequence[float]) -> torch.Tensor:
+    """Per task i: the share of τᵢ's top-⌊dᵢ·n⌋ entries by |τᵢ| (the tie rule of TIES's top-k) whose
+    sign agrees with the sign of Σ_{l≠i} τ_l at the same position (a zero sum agrees with nothing).
+    float64 sums; [N] float64, NaN for a zero τᵢ or with fewer than two task vectors."""
+    n = len(taus)
+    out = torch.full((n,), float("nan"), dtype=torch.float64)
+    if n < 2:
+        return out
+    dt = torch.float64
+    total = torch.zeros(taus[0].shape, dtype=dt, device=taus[0].device)
+    for t in taus:
+        total += t.to(dt)
+    for i, t in enumerate(taus):
+        k = keep_count(float(densities[i]), t.numel())
+        if k == 0 or not bool((t != 0).any()):
+            continue
+        top = backends.run_op("topk_mask", t.abs(), k)
+        mine = t[top].to(dt)
+        others = total[top] - mine  # only the selected entries in float64, not a second full copy
+        agree = (torch.sign(mine) * torch.sign(others)) > 0
+        out[i] = float(agree.to(dt).sum()) / int(top.sum())
+    return out
 
 
 def transform_statistic(values: torch.Tensor, statistic: str, transform: str) -> torch.Tensor:
@@ -281,6 +402,7 @@ def decide_densities(
     max_density: float = 1.0,
     preserve_mean: bool = True,
     active: torch.Tensor | None = None,
+    scope: str = "task",
 ) -> torch.Tensor:
     """Per-(task, tensor) densities [N, T] from an oriented (and transformed) statistic table
     [N, T] (NaN = undefined), the tensors' element counts [T] and the asked density per task.
@@ -288,6 +410,10 @@ def decide_densities(
     ``active`` [N, T] (default all True) marks the entries that take part; inactive entries
     (tensors a preceding LwPTV pruned for that task) get the asked density and are left out of
     the scores and of the mean. A task whose asked density is 1 keeps density 1 everywhere.
+
+    ``scope="model"`` centres the scores (z-score or rank) over every active (task, tensor)
+    entry of the table together (tasks asking density 1 left out) instead of over each task's
+    row; the mapping, the clip and the per-task mean-preserving shift are unchanged.
     """
     values = values.to(torch.float64)
     n_tasks, n_tensors = values.shape
@@ -300,6 +426,13 @@ def decide_densities(
         active = torch.ones(n_tasks, n_tensors, dtype=torch.bool)
     sign = 1.0 if direction == "keep_concentrated" else -1.0
     out = torch.tensor(asked, dtype=torch.float64).reshape(-1, 1).repeat(1, n_tensors)
+    centring = "rank" if mapping == "rank" else "zscore"
+    if scope == "model":
+        pooled = active.to(torch.bool) & (torch.tensor(asked, dtype=torch.float64).reshape(-1, 1) < 1.0)
+        model_u = torch.zeros_like(values)
+        model_u[pooled] = _centred_scores(values[pooled], centring)
+    elif scope != "task":
+        raise ValueError(f"scope must be 'task' or 'model', not {scope!r}")
     for i in range(n_tasks):
         target = float(asked[i])
         cols = active[i].nonzero().flatten()
@@ -311,7 +444,7 @@ def decide_densities(
                 f"[min_density, max_density] = [{min_density}, {max_density}], so the mean cannot be preserved; "
                 "widen the bounds or set preserve_mean=false"
             )
-        u = _centred_scores(values[i, cols], "rank" if mapping == "rank" else "zscore")
+        u = model_u[i, cols] if scope == "model" else _centred_scores(values[i, cols], centring)
         if strength == 0 or not bool((u != 0).any()):
             # nothing to adapt: exactly the asked density, not a bisection's approximation of it
             out[i, cols] = min(max(target, min_density), max_density)
@@ -364,11 +497,17 @@ def _density_bounds(p: TadropParams, inner_name: str, inner_params: Any) -> tupl
 
 
 def collect_statistics(
-    p: TadropParams, source: TensorSource, decisions: ModelDecisions, names: Sequence[str]
+    p: TadropParams,
+    source: TensorSource,
+    decisions: ModelDecisions,
+    names: Sequence[str],
+    asked: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """One streaming read of ``names``: the oriented statistic [N, T] (row per task; in pooled
     mode every row is the pooled value). Pruned experts (LwPTV keep=False) contribute nothing.
-    Each tensor's column is computed from that tensor alone, by the process that holds it."""
+    Each tensor's column is computed from that tensor alone, by the process that holds it (the
+    spectral statistics: one SVD per kept task vector of that tensor; ``sign_agreement``: the
+    tensor's kept task vectors together, with ``asked`` the top-k density per expert)."""
     n = source.n_experts
     table = torch.full((n, len(names)), float("nan"), dtype=torch.float64)
     columns: dict[str, tuple[list[int], torch.Tensor]] = {}
@@ -388,6 +527,19 @@ def collect_statistics(
             b = zero.to(torch.float32)
             hists = [magnitude_histogram(e.to(torch.float32) - b, p.bins) for e in kept_experts]
             values = negentropy_from_histogram(torch.stack(hists))
+        elif p.statistic in SPECTRAL:
+            dt = _spectral_dtype(zero, *kept_experts)
+            b = zero.to(dt)
+            values = torch.tensor(
+                [spectral_statistic(e.to(dt) - b, p.statistic) for e in kept_experts], dtype=torch.float64
+            )
+        elif p.statistic in CROSS_TASK:
+            dt = _spectral_dtype(zero, *kept_experts)
+            b = zero.to(dt)
+            dens = [1.0] * n if asked is None else asked
+            # 1 − agreement: a task whose important entries the others already push the same way
+            # is redundant ("denser") and scores low
+            values = 1.0 - sign_agreement([e.to(dt) - b for e in kept_experts], [dens[i] for i in kept])
         else:
             values = statistic_from_stats(backends.run_op("task_vector_stats", zero, kept_experts), p.statistic)
         columns[name] = (kept, values[0].expand(len(kept)) if p.pool == "pooled" else values)
@@ -407,11 +559,15 @@ def analyze_tadrop(p: Composite, source: TensorSource, decisions: ModelDecisions
             "per-tensor densities cannot change; use topk_scope='tensor'"
         )
     n = source.n_experts
+    if own.statistic in CROSS_TASK and n < 2:
+        raise ParameterError(
+            f"tadrop: statistic={own.statistic!r} compares each task with the others; it needs at least 2 experts"
+        )
     asked = per_expert(inner_params.density, n, "density")
     low, high = _density_bounds(own, inner_name, inner_params)
     names = [nm for nm in source.names if is_adapted(nm, source.shape(nm), source.dtype(nm), own)]
     numels = [math.prod(source.shape(nm)) for nm in names]
-    raw = collect_statistics(own, source, decisions, names)
+    raw = collect_statistics(own, source, decisions, names, asked)
     values = transform_statistic(raw, own.statistic, own.transform)
     active = torch.ones(n, len(names), dtype=torch.bool)
     for j, name in enumerate(names):
@@ -437,6 +593,7 @@ def analyze_tadrop(p: Composite, source: TensorSource, decisions: ModelDecisions
         max_density=high,
         preserve_mean=own.preserve_mean,
         active=active,
+        scope=own.scope,
     )
     for j, name in enumerate(names):
         decisions.for_tensor(name).density = [float(d) for d in densities[:, j]]
@@ -479,6 +636,7 @@ def _summary(
         "direction": p.direction,
         "strength": p.strength,
         "pool": p.pool,
+        "scope": p.scope,
         "bounds": list(bounds),
         "preserve_mean": p.preserve_mean,
         "adapted_tensors": len(names),
