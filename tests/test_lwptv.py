@@ -253,3 +253,304 @@ def test_cosine_needs_two_experts():
     base, experts = build(n_experts=1)
     with pytest.raises(ParameterError, match="at least 2 experts"):
         tm.merge_state_dicts("lwptv", base, experts, merge_method="task_arithmetic", score="cosine_to_mean")
+
+
+# --- units: block halves and single tensors -------------------------------------------------------
+
+BERT_LAYER = [
+    "attention.self.query.weight", "attention.self.key.weight", "attention.self.value.bias",
+    "attention.output.dense.weight", "attention.output.LayerNorm.weight",
+    "intermediate.dense.weight", "output.dense.weight", "output.LayerNorm.bias",
+]
+BERT_ATTN = {"attention.self.query.weight", "attention.self.key.weight", "attention.self.value.bias",
+             "attention.output.dense.weight", "attention.output.LayerNorm.weight"}
+LLAMA_LAYER = [
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+]
+LLAMA_ATTN = {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+              "self_attn.v_proj.weight", "self_attn.o_proj.weight"}
+GPT2_LAYER = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+GPT2_ATTN = {"ln_1.weight", "attn.c_attn.weight", "attn.c_proj.bias"}
+
+
+def named_model(names, n_experts=3, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(6, 4, generator=gen).to(dtype) for n in names}
+    experts = [{n: v + 0.01 * torch.randn(v.shape, generator=gen).to(dtype) for n, v in base.items()} for _ in range(n_experts)]
+    return base, experts
+
+
+def params(**kwargs):
+    return L.LwptvParams(merge_method="task_arithmetic", **kwargs)
+
+
+@pytest.mark.parametrize("prefix,layer,attn", [
+    ("bert.encoder.layer.{}.", BERT_LAYER, BERT_ATTN),
+    ("model.layers.{}.", LLAMA_LAYER, LLAMA_ATTN),
+    ("transformer.h.{}.", GPT2_LAYER, GPT2_ATTN),
+])
+def test_half_units_split_blocks_by_name(prefix, layer, attn):
+    names = ["embeddings.weight", *[prefix.format(i) + n for i in range(2) for n in layer], "norm.weight"]
+    units, position = L.group_units(names, lambda n: torch.float32, params(unit="half"))
+    assert units.names == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    assert units.layers == [0, 0, 1, 1]
+    for i in range(2):
+        assert units.tensors[2 * i] == [prefix.format(i) + n for n in layer if n in attn]
+        assert units.tensors[2 * i + 1] == [prefix.format(i) + n for n in layer if n not in attn]
+    assert "embeddings.weight" not in position and "norm.weight" not in position
+    # the whole merge: each unit's tensors carry the same keep flags, the summary names the units
+    base, experts = named_model(names)
+    for n in units.tensors[1]:  # task 0's MLP half of layer 0 barely moves
+        experts[0][n] = base[n] + 0.001 * (experts[0][n] - base[n])
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", unit="half", score="l2_ratio", rule="relative", ratio=0.2)
+    summary = decisions.summary["lwptv"]
+    assert summary["unit"] == "half" and summary["units"] == units.names
+    assert summary["tensors_per_unit"] == {u: len(t) for u, t in zip(units.names, units.tensors)}
+    assert summary["pruned_units"] == {"0": ["0.mlp"], "1": [], "2": []}
+    assert "pruned_layers" not in summary
+    for n in names:
+        keep = decisions.tensors[n].keep if n in decisions.tensors else None
+        assert keep == ([False, True, True] if n in units.tensors[1] else None), n
+
+
+def test_half_patterns_are_parameters_and_unmatched_tensors_follow_half_unmatched():
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.router.weight"]
+    units, _ = L.group_units(names, lambda n: torch.float32, params(unit="half"))
+    assert units.names == ["0.attn", "0.mlp", "0.other"] and units.tensors[2] == ["model.layers.0.router.weight"]
+    units, position = L.group_units(names, lambda n: torch.float32, params(unit="half", half_unmatched="keep"))
+    assert units.names == ["0.attn", "0.mlp"] and "model.layers.0.router.weight" not in position
+    units, _ = L.group_units(names, lambda n: torch.float32, params(unit="half", mlp_patterns=["mlp", "router"]))
+    assert units.tensors[1] == ["model.layers.0.mlp.up_proj.weight", "model.layers.0.router.weight"]
+    with pytest.raises(ParameterError, match="router.*half_unmatched"):
+        L.group_units(names, lambda n: torch.float32, params(unit="half", half_unmatched="error"))
+    # the leftmost pattern decides, a longer one at the same position; case-insensitive
+    assert L.half_of("post_attention_layernorm.weight", L.DEFAULT_ATTN_PATTERNS, L.DEFAULT_MLP_PATTERNS) == "mlp"
+    assert L.half_of("attention.output.LayerNorm.weight", L.DEFAULT_ATTN_PATTERNS, L.DEFAULT_MLP_PATTERNS) == "attn"
+    assert L.half_of("SelfAttention.q.weight", L.DEFAULT_ATTN_PATTERNS, L.DEFAULT_MLP_PATTERNS) == "attn"
+    assert L.half_of("ffn_norm.weight", L.DEFAULT_ATTN_PATTERNS, L.DEFAULT_MLP_PATTERNS) == "mlp"
+
+
+def test_tensor_units_prune_one_tensor_not_its_layer():
+    base, experts = build()
+    small = layer_names(2)[1]
+    experts[0][small] = base[small] + 0.01 * (experts[0][small] - base[small])
+    merged, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", unit="tensor", score="l2_ratio", rule="relative", ratio=0.2)
+    summary = decisions.summary["lwptv"]
+    assert summary["units"] == sorted((n for n in NAMES if layer_index(n) is not None), key=lambda n: (layer_index(n), n))
+    assert summary["unit_layers"] == [layer_index(n) for n in summary["units"]]
+    assert summary["pruned_units"] == {"0": [small], "1": [], "2": []}
+    assert decisions.tensors[small].keep == [False, True, True]
+    other = layer_names(2)[0]
+    assert other not in decisions.tensors or decisions.tensors[other].keep is None
+    expected = base[small] + (experts[1][small] - base[small]) + (experts[2][small] - base[small])
+    torch.testing.assert_close(merged[small], expected, rtol=0, atol=1e-6)
+
+
+def test_block_summary_keeps_its_layer_keys_and_names_units():
+    base, experts = build({(0, 2): 0.01})
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="l2_ratio", rule="relative", ratio=0.2)
+    summary = decisions.summary["lwptv"]
+    assert summary["unit"] == "block" and summary["threshold_scope"] == "task"
+    assert summary["units"] == ["0", "1", "2", "3"] and summary["layers"] == [0, 1, 2, 3]
+    assert summary["pruned_units"] == {"0": ["2"], "1": [], "2": []} and summary["pruned_layers"]["0"] == [2]
+
+
+# --- cross-task scores, by hand ------------------------------------------------------------------
+
+
+def test_cosine_to_others_by_hand():
+    taus = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # task 3: zero
+    gram = (taus @ taus.T).unsqueeze(0)
+    got = L.layer_scores(torch.zeros(4, 1, 7, dtype=torch.float64), "cosine_to_others", gram)[:, 0]
+    c = 2**-0.5  # cos(τ0, τ1) = cos(τ1, τ2); τ0 ⟂ τ2; a zero τ counts as orthogonal
+    expected = torch.tensor([1 - (c + 0 + 0) / 3, 1 - (c + c + 0) / 3, 1 - (0 + c + 0) / 3, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # differs from cosine_to_mean, which compares with the others' sum
+    mean = L.layer_scores(torch.zeros(4, 1, 7, dtype=torch.float64), "cosine_to_mean", gram)[:, 0]
+    assert float(mean[1]) == pytest.approx(1 - 1.0, abs=1e-12) and float(got[1]) != pytest.approx(float(mean[1]))
+
+
+SIGN_TAUS = [[1.0, -1.0, 2.0, 0.0], [1.0, 1.0, -1.0, 3.0], [-3.0, 1.0, 0.0, 1.0]]
+TOP_TAUS = [[5.0, 4.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 6.0, 0.0], [1.0, 0.0, 1.0, 0.0, 2.0]]
+
+
+def test_sign_counts_by_hand():
+    base = torch.full((4,), 0.5, dtype=torch.float64)
+    experts = [base + torch.tensor(t, dtype=torch.float64) for t in SIGN_TAUS]
+    # others' sums: [-2, 2, -1, 4], [-2, 0, 2, 1], [2, 0, 1, 3]; a zero on either side is neither
+    expected = torch.tensor([[3, 0], [2, 1], [1, 1]], dtype=torch.float64)
+    torch.testing.assert_close(L.sign_counts(base, experts), expected, rtol=0, atol=0)
+
+
+def test_top_overlap_counts_by_hand():
+    base = torch.zeros(5, dtype=torch.float64)
+    experts = [torch.tensor(t, dtype=torch.float64) for t in TOP_TAUS]
+    # k = ⌊0.4·5⌋ = 2. Tops: {0, 1}; {3} (its second pick is a zero, left out); {4, 0} (the tie
+    # between entries 0 and 2 at |τ| = 1 goes to the lower index)
+    expected = torch.tensor([[1, 2], [0, 1], [1, 2]], dtype=torch.float64)
+    torch.testing.assert_close(L.top_overlap_counts(base, experts, 0.4), expected, rtol=0, atol=0)
+
+
+def split_model(taus, cut):
+    """One layer of two float64 tensors holding entries [:cut] and [cut:] of each task vector, on
+    a base of 0.5 (exact differences), plus an unscored embedding."""
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    width = len(taus[0])
+    base = {"model.embed_tokens.weight": torch.zeros(3, dtype=torch.float64),
+            names[0]: torch.full((cut,), 0.5, dtype=torch.float64), names[1]: torch.full((width - cut,), 0.5, dtype=torch.float64)}
+    experts = []
+    for t in taus:
+        tau = torch.tensor(t, dtype=torch.float64)
+        experts.append({"model.embed_tokens.weight": base["model.embed_tokens.weight"] + 1,
+                        names[0]: base[names[0]] + tau[:cut], names[1]: base[names[1]] + tau[cut:]})
+    return base, experts
+
+
+@pytest.mark.parametrize("orientation,expected", [("conflict_salient", [3 / 4, 2 / 4, 1 / 4]), ("agreement_salient", [0.0, 1 / 4, 1 / 4])])
+def test_sign_conflict_score_pooled_over_a_block(orientation, expected):
+    base, experts = split_model(SIGN_TAUS, 2)
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="sign_conflict",
+                       sign_orientation=orientation, prune_fraction=0.0)
+    scores = [row[0] for row in decisions.summary["lwptv"]["scores"]]
+    assert scores == pytest.approx(expected, abs=1e-12)
+    assert decisions.summary["lwptv"]["sign_orientation"] == orientation
+
+
+def test_top_overlap_score_pooled_over_a_block():
+    base, experts = split_model(TOP_TAUS, 5)  # one tensor: the counts above
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="top_overlap", top_density=0.4, prune_fraction=0.0)
+    assert [row[0] for row in decisions.summary["lwptv"]["scores"]] == pytest.approx([0.5, 1.0, 0.5], abs=1e-12)
+    # two tensors of 3 and 2 entries: k = 1 in each, counts pooled over the block
+    base, experts = split_model(TOP_TAUS, 3)
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score="top_overlap", top_density=0.4, prune_fraction=0.0)
+    # tops [:3]: {0}, {} (all zero), {0} (tie 0/2 -> 0); tops [3:]: {} (zeros), {3}, {4}
+    assert [row[0] for row in decisions.summary["lwptv"]["scores"]] == pytest.approx([0.0, 1.0, 0.5], abs=1e-12)
+
+
+@pytest.mark.parametrize("score", ["cosine_to_others", "top_overlap", "sign_conflict"])
+def test_cross_task_scores_prune_the_redundant_layer_and_need_two_experts(score):
+    base, experts = build(same={(1, 1): 0})  # task 1's layer 1 is a copy of task 0's
+    _, decisions = run("lwptv", base, experts, merge_method="task_arithmetic", score=score, prune_fraction=0.25,
+                       **({"sign_orientation": "conflict_salient"} if score == "sign_conflict" else {}))
+    pruned = decisions.summary["lwptv"]["pruned_layers"]
+    assert pruned["0"] == [1] and pruned["1"] == [1]
+    base, experts = build(n_experts=1)
+    with pytest.raises(ParameterError, match="at least 2 experts"):
+        tm.merge_state_dicts("lwptv", base, experts, merge_method="task_arithmetic", score=score)
+
+
+# --- threshold scope ------------------------------------------------------------------------------
+
+
+def test_model_scope_pools_all_pairs():
+    s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]], dtype=torch.float64)
+    task = L.layer_mask(s, "fraction", prune_fraction=0.25, min_layers_kept=0)
+    model = L.layer_mask(s, "fraction", prune_fraction=0.25, min_layers_kept=0, scope="model")
+    assert task.tolist() == [[False, True, True, True], [False, True, True, True]]
+    assert model.tolist() == [[False, False, True, True], [True, True, True, True]]
+    # ties go to the lower unit, then the lower task
+    flat = torch.ones(2, 3, dtype=torch.float64)
+    assert L.layer_mask(flat, "fraction", prune_fraction=0.5, min_layers_kept=0, scope="model").tolist() == [
+        [False, False, True], [False, True, True]]
+    assert L.layer_mask(s, "relative", ratio=0.5, min_layers_kept=0, scope="model").tolist() == [
+        [False, False, False, False], [False, True, True, True]]
+    z = L.layer_mask(s, "zscore", z_threshold=0.5, min_layers_kept=0, scope="model")
+    assert z.tolist() == [[False, False, False, False], [True, True, True, True]]
+
+
+def test_min_layers_kept_holds_per_task_under_model_scope():
+    s = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]], dtype=torch.float64)
+    keep = L.layer_mask(s, "fraction", prune_fraction=0.5, min_layers_kept=2, scope="model")
+    assert keep.tolist() == [[False, False, True, True], [True, True, True, True]]
+    keep = L.layer_mask(s, "relative", ratio=0.9, min_layers_kept=1, scope="model")
+    assert keep.tolist() == [[False, False, False, True], [False, False, False, True]]
+
+
+def test_model_scope_differs_from_task_scope_on_a_model():
+    base, experts = build({(0, 1): 0.05, (0, 2): 0.05, (0, 3): 0.05})  # task 0 moved in layer 0 only
+    common = dict(merge_method="task_arithmetic", score="l2_ratio", prune_fraction=0.25, min_layers_kept=1)
+    _, by_task = run("lwptv", base, experts, **common)
+    _, by_model = run("lwptv", base, experts, threshold_scope="model", **common)
+    pruned_task = by_task.summary["lwptv"]["pruned_layers"]
+    pruned_model = by_model.summary["lwptv"]["pruned_layers"]
+    assert all(len(v) == 1 for v in pruned_task.values())
+    assert sorted(pruned_model["0"]) == [1, 2, 3]  # ⌊0.25·12⌋ = 3 pairs, all task 0's
+    assert pruned_model["1"] == [] and pruned_model["2"] == []
+    assert by_model.summary["lwptv"]["threshold_scope"] == "model"
+    _, kept = run("lwptv", base, experts, threshold_scope="model", **{**common, "min_layers_kept": 2})
+    assert len(kept.summary["lwptv"]["pruned_layers"]["0"]) == 2  # restored up to 2 kept layers
+
+
+# --- the disk engine -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [
+    {"score": "sign_conflict", "unit": "half", "threshold_scope": "model", "prune_fraction": 0.34},
+    {"score": "top_overlap", "top_density": 0.2, "unit": "tensor", "prune_fraction": 0.3},
+    {"score": "cosine_to_others", "prune_fraction": 0.34},
+])
+def test_engine_on_disk_equals_in_memory_for_new_readings(tmp_path, extra):
+    from _checkpoints import load_folder, make_tiny
+    from tritonmerge.config import load_config
+    from tritonmerge.engine import MergeOptions, run_merge
+
+    base_dir, expert_dirs = make_tiny(tmp_path / "models")
+    cfg = {"merge_method": "lwptv", "base_model": str(base_dir), "models": [{"model": str(e)} for e in expert_dirs],
+           "parameters": {"merge_method": "ties", "density": 0.5, **extra}}
+    out = tmp_path / "out"
+    run_merge(cfg, out, MergeOptions(memory_budget="20KB", quiet=True))
+    saved = json.loads((out / "tritonmerge_decisions.json").read_text())
+    b, es = load_folder(base_dir), [load_folder(e) for e in expert_dirs]
+    report = MergeReport()
+    expected = tm.merge_state_dicts("lwptv", b, es, report=report, **load_config(cfg).resolve("", 0.0))
+    got = load_folder(out)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    summary = json.loads(json.dumps(report.decisions.summary["lwptv"]))
+    assert saved["summary"]["lwptv"] == summary
+    assert any(summary["pruned_units"].values()), "something must be pruned"
+    if extra.get("unit") == "half":
+        assert summary["units"] == [f"{i}.{h}" for i in range(3) for h in ("attn", "mlp")]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_density": 0.2}, r"'top_density' is only used with score='top_overlap'"),
+        ({"score": "l2_ratio", "sign_orientation": "agreement_salient"}, r"'sign_orientation' is only used"),
+        ({"score": "top_overlap", "top_density": 0.0}, r"top_density"),
+        ({"sign_orientation": "agreement_salient"}, r"'sign_orientation' is only used with score='sign_conflict'"),
+        ({"attn_patterns": ["attn"]}, r"'attn_patterns' is only used with unit='half'"),
+        ({"half_unmatched": "keep", "unit": "tensor"}, r"'half_unmatched' is only used with unit='half'"),
+        ({"unit": "half", "mlp_patterns": []}, r"'mlp_patterns' must be a non-empty list"),
+        ({"unit": "half", "attn_patterns": ["attn", "MLP"]}, r"'attn_patterns' and 'mlp_patterns' share \['mlp'\]"),
+        ({"unit": "row"}, r"unit.*'block'"),
+        ({"threshold_scope": "global"}, r"threshold_scope.*'task'"),
+        ({"score": "sign_conflict", "sign_orientation": "up"}, r"sign_orientation.*'conflict_salient'"),
+    ],
+)
+def test_bad_new_parameters_give_clear_errors(kwargs, match):
+    # (an unused parameter left at its default is accepted: configs that write every default out)
+    base, experts = build()
+    with pytest.raises(ParameterError, match=match) as info:
+        tm.merge_state_dicts("lwptv", base, experts, merge_method="ties", **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_unused_parameters_at_their_defaults_are_accepted_and_configs_round_trip(tmp_path):
+    base, experts = build()
+    defaults = dict(top_density=0.1, sign_orientation="conflict_salient", attn_patterns=list(L.DEFAULT_ATTN_PATTERNS),
+                    mlp_patterns=list(L.DEFAULT_MLP_PATTERNS), half_unmatched="unit")
+    merged = tm.merge_state_dicts("lwptv", base, experts, merge_method="ties", **defaults)
+    plain = tm.merge_state_dicts("lwptv", base, experts, merge_method="ties")
+    assert all(torch.equal(merged[k], plain[k]) for k in base)
+    from tritonmerge.integrations.fusion_bench import path_mode_refusal
+
+    given = {"merge_method": "ties", "score": "top_overlap", "top_density": 0.2, "unit": "half", "threshold_scope": "model"}
+    paths = [tmp_path / d for d in ("b", "e1", "e2")]
+    for d in paths:
+        d.mkdir()
+    assert path_mode_refusal("lwptv", given, [str(d) for d in paths]) is None

@@ -21,6 +21,13 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_split(name: str) -> tuple[int, str] | None:
+    """(layer number, the part of the name after ``<layers>.<i>.``) or None, by the same match as
+    ``layer_index``: ``model.layers.3.self_attn.q_proj.weight`` -> ``(3, "self_attn.q_proj.weight")``."""
+    m = _LAYER_RE.search(name)
+    return (int(m.group(1)), name[m.end():]) if m else None
+
+
 @dataclass
 class TensorDecisions:
     """Whole-model decisions for one tensor, one entry per expert where a list.
