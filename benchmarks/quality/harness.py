@@ -50,13 +50,16 @@ class Bench:
     sets: dict[str, list[EvalSet]]  # split -> sets
     timings: dict[str, float] = field(default_factory=dict)
     # the pre-trained encoder's accuracies do not depend on the seed: computed once per split/groups
-    base_results: dict[tuple[str, tuple[str, ...]], dict[str, float]] = field(default_factory=dict)
+    base_results: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def base_accuracy(self, split: str, groups: Sequence[str]) -> dict[str, float]:
+    def base_correctness(self, split: str, groups: Sequence[str]) -> dict[str, torch.Tensor]:
         key = (split, tuple(groups))
         if key not in self.base_results:
-            self.base_results[key] = evaluate(self, None, self.eval_sets(split, groups))
+            self.base_results[key] = correctness(self, None, self.eval_sets(split, groups))
         return dict(self.base_results[key])
+
+    def base_accuracy(self, split: str, groups: Sequence[str]) -> dict[str, float]:
+        return accuracies(self.base_correctness(split, groups))
 
     @property
     def in_distribution(self) -> list[str]:
@@ -118,6 +121,17 @@ def build_bench(tasks: TaskFile) -> Bench:
 
 def evaluate(bench: Bench, state: Mapping[str, torch.Tensor] | None, sets: Sequence[EvalSet]) -> dict[str, float]:
     """Accuracy (%) per set of the encoder with mergeable parameters ``state`` (None = base)."""
+    return accuracies(correctness(bench, state, sets))
+
+
+def accuracies(correct: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy (%) per set from per-item correctness."""
+    return {k: 100.0 * float(c.float().mean()) for k, c in correct.items()}
+
+
+def correctness(bench: Bench, state: Mapping[str, torch.Tensor] | None, sets: Sequence[EvalSet]) -> dict[str, torch.Tensor]:
+    """Per-item correctness (bool tensor per set, in the set's item order) of the encoder with
+    mergeable parameters ``state`` (None = base)."""
     if not sets:
         return {}
     enc.load_state(bench.model, state if state is not None else bench.base)
@@ -127,14 +141,14 @@ def evaluate(bench: Bench, state: Mapping[str, torch.Tensor] | None, sets: Seque
     finally:
         if state is not None:
             enc.load_state(bench.model, bench.base)
-    out: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
     start = 0
     temperature = float(bench.tasks.settings["temperature"])
     for s in sets:
         e = emb[start : start + len(s.tokens)]
         start += len(s.tokens)
         pred = enc.cosine_logits(e, bench.heads[s.head_task], temperature).argmax(1)
-        out[s.key] = 100.0 * float((pred == s.labels).float().mean())
+        out[s.key] = pred == s.labels
     return out
 
 
@@ -250,6 +264,18 @@ def _score(summary: Mapping[str, float | None]) -> float:
     return -math.inf if value is None else float(value)
 
 
+def _bits(correct: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    from .report import encode_bits
+
+    return {k: encode_bits(v) for k, v in correct.items()}
+
+
+def _memo_key(method: str, params: Mapping[str, Any], groups: Sequence[str]) -> str:
+    import json
+
+    return json.dumps([method, params, list(groups)], sort_keys=True, default=str)
+
+
 def run_method(
     bench: Bench,
     spec: RunSpec,
@@ -261,8 +287,14 @@ def run_method(
     val_ood: bool,
     test: bool,
     log: Callable[[str], None] = print,
+    memo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one methods-file entry for one seed: grid on val, best on test. Returns the record."""
+    """Run one methods-file entry for one seed: grid on val, best on test. Returns the record,
+    with per-item correctness (``val_items`` at the selected point, ``test_items``) as bitsets.
+
+    ``memo`` (one dict per seed and expert set, shared across runs) keeps the scores of every
+    (method, params) merged so far, so that a parameter set repeated by another run is neither
+    merged nor evaluated again (merges are deterministic given their params, seed included)."""
     t_run = time.perf_counter()
     record: dict[str, Any] = {"name": spec.name, "method": spec.method}
     val_groups = ("id", "held_out", "domain_shift", "corrupted") if val_ood else ("id",)
@@ -270,8 +302,13 @@ def run_method(
 
     if spec.method == ZERO_SHOT:
         record["params"] = {}
-        record["val"] = bench.base_accuracy("val", val_groups)
-        record["test"] = bench.base_accuracy("test", test_groups) if test else {}
+        val_c = bench.base_correctness("val", val_groups)
+        record["val"], record["val_items"] = accuracies(val_c), _bits(val_c)
+        if test:
+            test_c = bench.base_correctness("test", test_groups)
+            record["test"], record["test_items"] = accuracies(test_c), _bits(test_c)
+        else:
+            record["test"] = {}
         record["seconds"] = time.perf_counter() - t_run
         return record
 
@@ -279,16 +316,22 @@ def run_method(
         # each expert on the sets its own head scores: its task, that task corrupted, and the
         # domain-shift sets of its head; held-out tasks have no expert
         record["params"] = {}
-        record["val"], record["test"] = {}, {}
+        val_c: dict[str, torch.Tensor] = {}
+        test_c: dict[str, torch.Tensor] = {}
         for name in bench.in_distribution:
             state = experts[name].state(bench.base)
-            record["val"].update(evaluate(bench, state, bench.eval_sets("val", val_groups, [name])))
+            val_c.update(correctness(bench, state, bench.eval_sets("val", val_groups, [name])))
             if test:
-                record["test"].update(evaluate(bench, state, bench.eval_sets("test", test_groups, [name])))
+                test_c.update(correctness(bench, state, bench.eval_sets("test", test_groups, [name])))
+        record["val"], record["val_items"] = accuracies(val_c), _bits(val_c)
+        record["test"] = accuracies(test_c)
+        if test:
+            record["test_items"] = _bits(test_c)
         record["finetune_s"] = {n: e.seconds for n, e in experts.items()}
         record["seconds"] = time.perf_counter() - t_run
         return record
 
+    memo = {} if memo is None else memo
     inherited = None
     if spec.inherit is not None:
         if spec.inherit not in selected:
@@ -297,15 +340,26 @@ def run_method(
     grid = []
     best: tuple[float, int, dict[str, Any], dict[str, torch.Tensor] | None] = (-math.inf, -1, {}, None)
     merge_seconds = []
+    val_correct = []
     for i, point in enumerate(spec.grid_points(inherited)):
         params = seeded_params(spec.method, point, seed)
-        merged, seconds = merge(bench, spec.method, params, experts)
+        key = _memo_key(spec.method, params, val_groups)
+        if key in memo:
+            val_c, seconds = memo[key]
+            merged = None  # merged again below only if it is selected and its test score is not known
+            note = "repeated: scores reused"
+        else:
+            merged, seconds = merge(bench, spec.method, params, experts)
+            val_c = correctness(bench, merged, bench.eval_sets("val", val_groups))
+            memo[key] = (val_c, seconds)
+            note = f"merge {seconds:.1f}s"
         merge_seconds.append(seconds)
-        val = evaluate(bench, merged, bench.eval_sets("val", val_groups))
+        val_correct.append(val_c)
+        val = accuracies(val_c)
         summary = summarize(bench, val)
         grid.append({"params": params, "val": val, "summary": summary, "merge_s": seconds})
         score = _score(summary)
-        log(f"    {spec.name} {point}: val id {summary['id_avg']:.2f}" + (f" ood {summary['ood_avg']:.2f}" if val_ood and summary.get("ood_avg") is not None else "") + f" (merge {seconds:.1f}s)")
+        log(f"    {spec.name} {point}: val id {summary['id_avg']:.2f}" + (f" ood {summary['ood_avg']:.2f}" if val_ood and summary.get("ood_avg") is not None else "") + f" ({note})")
         if score > best[0]:
             best = (score, i, params, merged)
         else:
@@ -314,8 +368,18 @@ def run_method(
     record["params"] = best_params
     record["grid"] = grid
     record["val"] = grid[best_index]["val"]
+    record["val_items"] = _bits(val_correct[best_index])
     record["merge_s"] = merge_seconds[best_index]
     record["merge_s_total"] = sum(merge_seconds)
-    record["test"] = evaluate(bench, best_state, bench.eval_sets("test", test_groups)) if test else {}
+    if test:
+        test_key = "test:" + _memo_key(spec.method, best_params, test_groups)
+        if test_key not in memo:
+            if best_state is None:
+                best_state, _ = merge(bench, spec.method, best_params, experts)
+            memo[test_key] = correctness(bench, best_state, bench.eval_sets("test", test_groups))
+        test_c = memo[test_key]
+        record["test"], record["test_items"] = accuracies(test_c), _bits(test_c)
+    else:
+        record["test"] = {}
     record["seconds"] = time.perf_counter() - t_run
     return record

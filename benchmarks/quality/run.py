@@ -24,7 +24,8 @@ DEFAULT_METHODS = HERE / "methods.yaml"
 
 def load_methods_file(path: Path) -> tuple[dict[str, Any], list[Any]]:
     """(options, [RunSpec]) from a methods file (YAML/JSON): top-level ``val_ood``, ``test``,
-    and ``runs``: each with name, method, params, grid, inherit."""
+    ``runs`` (each with name, method, params, grid, inherit) and ``comparisons`` (each with
+    a, b: run names, metric: id_avg | ood_avg | <group>_avg; a − b is reported with a paired CI)."""
     import json
 
     import yaml
@@ -49,7 +50,22 @@ def load_methods_file(path: Path) -> tuple[dict[str, Any], list[Any]]:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run names repeat: {names}")
-    options = {"val_ood": bool(raw.get("val_ood", False)), "test": bool(raw.get("test", True))}
+    comparisons = []
+    for i, entry in enumerate(raw.get("comparisons") or []):
+        if "a" not in entry or "b" not in entry:
+            raise ValueError(f"{path}: comparison #{i} needs 'a' and 'b'")
+        metric = str(entry.get("metric", "id_avg"))
+        if metric not in ("id_avg", "ood_avg", "held_out_avg", "domain_shift_avg", "corrupted_avg"):
+            raise ValueError(f"{path}: comparison #{i}: unknown metric {metric!r}")
+        for side in ("a", "b"):
+            if entry[side] not in names:
+                raise ValueError(f"{path}: comparison #{i}: {entry[side]!r} is not a run name")
+        comparisons.append({"a": str(entry["a"]), "b": str(entry["b"]), "metric": metric})
+    options = {
+        "val_ood": bool(raw.get("val_ood", False)),
+        "test": bool(raw.get("test", True)),
+        "comparisons": comparisons,
+    }
     return options, runs
 
 
@@ -60,30 +76,66 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+SETTINGS = {
+    "standard": (HERE / "tasks.yaml", HERE / "methods.yaml"),
+    "hard": (HERE / "tasks_hard.yaml", HERE / "methods_hard.yaml"),
+}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", type=Path, default=DEFAULT_TASKS, help="task file (YAML/JSON)")
-    ap.add_argument("--methods", type=Path, default=DEFAULT_METHODS, help="methods file (YAML/JSON)")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tuning order/dropout, DARE masks)")
-    ap.add_argument("--name", default=None, help="result name: quality_<name>.{json,md} (default: full for methods.yaml, else the methods file's stem)")
+    ap.add_argument("--setting", choices=["standard", "hard", "all"], default=None,
+                    help="standard = tasks.yaml + methods.yaml, hard = tasks_hard.yaml + methods_hard.yaml, all = both "
+                    "(-> quality_<setting>.{json,md}); the default when neither --tasks nor --methods is given: standard")
+    ap.add_argument("--tasks", type=Path, default=None, help="task file (YAML/JSON) of a custom run (default tasks.yaml)")
+    ap.add_argument("--methods", type=Path, default=None, help="methods file (YAML/JSON) of a custom run (default methods.yaml)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (fine-tuning order/dropout, DARE masks); default 0,1,2")
+    ap.add_argument("--name", default=None, help="result name of a custom run: quality_<name>.{json,md} (default: the methods file's stem without 'methods_')")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     ap.add_argument("--cache-dir", type=Path, default=None, help="expert cache (default benchmarks/.cache/quality)")
     ap.add_argument("--retrain", action="store_true", help="ignore cached task vectors (and overwrite them)")
     ap.add_argument("--only", default=None, help="comma-separated run names to run (plus what they inherit from)")
     ap.add_argument("--val-ood", action="store_true", help="also score OOD sets on the validation split (ablations)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--quiet", action="store_true", help="do not print the Markdown report at the end")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    custom = args.tasks is not None or args.methods is not None
+    if custom and args.setting is not None:
+        raise SystemExit("--setting and --tasks/--methods exclude each other")
+    if custom:
+        methods = args.methods or SETTINGS["standard"][1]
+        name = args.name or ("standard" if methods.stem == "methods" else methods.stem.removeprefix("methods_"))
+        jobs = [(args.tasks or SETTINGS["standard"][0], methods, name)]
+    else:
+        chosen = ["standard", "hard"] if args.setting == "all" else [args.setting or "standard"]
+        jobs = [(*SETTINGS[c], args.name if args.name and len(chosen) == 1 else c) for c in chosen]
+        for tasks_path, methods_path, _ in jobs:
+            for path in (tasks_path, methods_path):
+                if not path.exists():
+                    raise SystemExit(f"{path} does not exist")
+    t0 = time.perf_counter()
+    results = {name: run_setting(tasks_path, methods_path, name, args) for tasks_path, methods_path, name in jobs}
+    if len(results) == 1:
+        return next(iter(results.values()))
+    print(f"all settings in {time.perf_counter() - t0:.0f}s", flush=True)
+    return {"settings": results, "total_s": time.perf_counter() - t0}
+
+
+def run_setting(tasks_path: Path, methods_path: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One task file x one methods file, every seed -> quality_<name>.{json,md}."""
+    import torch
+
     from . import harness, report
     from .finetune import CACHE_DIR
-    from .tasks import load_task_file
+    from .tasks import OOD_GROUPS, load_task_file
 
     t_start = time.perf_counter()
-    tasks = load_task_file(args.tasks)
-    options, runs = load_methods_file(args.methods)
+    tasks = load_task_file(tasks_path)
+    options, runs = load_methods_file(methods_path)
     val_ood = options["val_ood"] or args.val_ood
     if args.only:
         wanted = set(args.only.split(","))
@@ -92,21 +144,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--only names unknown runs {sorted(unknown)}; runs: {[r.name for r in runs]}")
         # keep what the wanted runs inherit from, transitively
         by_name = {r.name: r for r in runs}
-        for name in list(wanted):
-            while by_name[name].inherit:
-                name = by_name[name].inherit
-                wanted.add(name)
+        for run_name in list(wanted):
+            while by_name[run_name].inherit:
+                run_name = by_name[run_name].inherit
+                wanted.add(run_name)
         runs = [r for r in runs if r.name in wanted]
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    # methods.yaml -> "full", methods_small.yaml -> "small", ablation.yaml -> "ablation"
-    name = args.name or ("full" if args.methods.stem == "methods" else args.methods.stem.removeprefix("methods_"))
     log = lambda msg: print(msg, flush=True)
 
     log(f"quality benchmark {name!r}: {len(tasks.tasks)} tasks, {len(runs)} runs, seeds {seeds}")
     bench = harness.build_bench(tasks)
     log(f"  model {bench.timings['load_model_s']:.1f}s, data/heads {bench.timings['data_and_heads_s']:.1f}s")
+    setup_s = time.perf_counter() - t_start
     per_seed: dict[int, list[dict[str, Any]]] = {}
-    finetune_s = 0.0
+    finetune_s = merge_eval_s = 0.0
     cached = total = 0
     for seed in seeds:
         log(f"seed {seed}")
@@ -115,13 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench, seed, use_cache=not args.retrain, cache_dir=args.cache_dir or CACHE_DIR, log=log
         )
         finetune_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
         cached += sum(e.cached for e in experts.values())
         total += len(experts)
         records: list[dict[str, Any]] = []
         selected: dict[str, dict[str, Any]] = {}
+        memo: dict[str, Any] = {}  # (method, params) -> scores, shared by the runs of this seed
         for spec in runs:
             rec = harness.run_method(
-                bench, spec, experts, seed, selected, expert_acc=None, val_ood=val_ood, test=options["test"], log=log
+                bench, spec, experts, seed, selected, expert_acc=None, val_ood=val_ood, test=options["test"], log=log,
+                memo=memo,
             )
             selected[spec.name] = rec["params"]
             records.append(rec)
@@ -131,17 +185,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rec["summary"] = harness.summarize(bench, rec["test"], expert_rec["test"] if expert_rec else None)
             rec["val_summary"] = harness.summarize(bench, rec["val"], expert_rec["val"] if expert_rec else None)
         per_seed[seed] = records
+        merge_eval_s += time.perf_counter() - t1
 
     import transformers
 
+    t_stats = time.perf_counter()
+    ood_groups = [g for g in OOD_GROUPS if any(s.group == g for s in bench.sets["test"])]
     result: dict[str, Any] = {
         "benchmark": "quality",
         "name": name,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "task_file": _display(args.tasks),
-        "methods_file": _display(args.methods),
+        "task_file": _display(tasks_path),
+        "methods_file": _display(methods_path),
         "seeds": seeds,
         "val_ood": val_ood,
+        "ood_groups": ood_groups,
         "machine": {
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
@@ -162,18 +220,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for t in tasks.tasks
         ],
-        "runs": report.aggregate(per_seed),
-        "timings": {
-            **bench.timings,
-            "finetune_s": finetune_s,
-            "experts_cached": cached,
-            "experts_total": total,
-            "total_s": time.perf_counter() - t_start,
-        },
+        "items_encoding": "per run, split, seed and set: '<n>:<base64>' of the per-item correctness bits, "
+        "8 per byte, first item in the high bit (report.decode_bits); item order = the split's order",
+        "runs": report.aggregate(per_seed, ood_groups=ood_groups),
+    }
+    names = {r["name"] for r in result["runs"]}
+    result["comparisons"] = report.comparisons(
+        result, [c for c in options["comparisons"] if c["a"] in names and c["b"] in names]
+    )
+    stats_s = time.perf_counter() - t_stats
+    result["timings"] = {
+        **bench.timings,
+        "setup_s": setup_s,
+        "finetune_s": finetune_s,
+        "merge_eval_s": merge_eval_s,
+        "stats_s": stats_s,
+        "experts_cached": cached,
+        "experts_total": total,
+        "total_s": time.perf_counter() - t_start,
     }
     json_path, md_path = report.write(result, args.out_dir, name)
-    print(report.markdown(result))
-    log(f"wrote {json_path} and {md_path} in {result['timings']['total_s']:.0f}s")
+    if not args.quiet:
+        print(report.markdown(result))
+    log(
+        f"wrote {json_path} and {md_path} in {result['timings']['total_s']:.0f}s "
+        f"(fine-tuning {finetune_s:.0f}s, merges + evaluation {merge_eval_s:.0f}s)"
+    )
     return result
 
 
