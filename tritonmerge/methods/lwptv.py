@@ -85,7 +85,9 @@ class LwptvParams(MethodParams):
         None, description="when merge_method is itself a modifier (tadrop), the method that one wraps (its merge_method)"
     )
     score: Score = Field(
-        "cosine_to_mean",  # best validation ID average on task_arithmetic and wudi (quality_ablation.md)
+        # with unit=half and prune_fraction=0.34: the best validation OOD average with ID within 1 point
+        # on task arithmetic and ties, hard setting, 3 seeds (benchmarks/results/quality_sweep_hard_ranking.md)
+        "cosine_to_mean",
         description=(
             "saliency per (task, unit), larger = kept: l2_ratio (‖τ‖₂ over the task's mean), rms_ratio (per-element RMS), "
             "l1_ratio (mean |τ|), kurtosis (Pearson, of the layer's entries), l1_l2 (√n·‖τ‖₂/‖τ‖₁), "
@@ -96,7 +98,7 @@ class LwptvParams(MethodParams):
         ),
     )
     unit: Unit = Field(
-        "block",
+        "half",  # the validation sweep's choice, see score
         description=(
             "what one mask entry covers: block (every tensor of a layer index), half (a block's attention "
             "or MLP part, by attn_patterns / mlp_patterns), tensor (each scored tensor alone)"
@@ -133,7 +135,10 @@ class LwptvParams(MethodParams):
         description="fraction: prune the lowest-scoring prune_fraction of units per task (or of all pairs); zscore: prune z < −z_threshold; relative: prune score < ratio·max",
     )
     prune_fraction: float = Field(
-        0.17, ge=0, lt=1, description="rule=fraction: share of each task's units (of all pairs with threshold_scope=model) pruned, rounded down"
+        0.34,  # the validation sweep's choice, see score
+        ge=0,
+        lt=1,
+        description="rule=fraction: share of each task's units (of all pairs with threshold_scope=model) pruned, rounded down"
     )
     z_threshold: float = Field(1.0, ge=0, description="rule=zscore: prune units whose score is more than this many stds below the mean (of the task, or of all pairs)")
     ratio: float = Field(0.1, ge=0, le=1, description="rule=relative: prune units scoring below ratio × the best score (of the task, or of all pairs)")
