@@ -64,3 +64,24 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def read_index(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+
+
+def disk_and_memory_merges(tmp_path: Path, method: str, parameters: dict[str, Any]):
+    """One tiny merge through the disk engine (20 KB budget) and the same config through
+    ``merge_state_dicts``: (disk output, in-memory output, saved decisions, in-memory report)."""
+    import tritonmerge as tm
+    from tritonmerge.config import load_config
+    from tritonmerge.engine import MergeOptions, run_merge
+
+    base_dir, expert_dirs = make_tiny(tmp_path / "models")
+    cfg = {"merge_method": method, "base_model": str(base_dir), "models": [{"model": str(e)} for e in expert_dirs],
+           "parameters": parameters}
+    out = tmp_path / "out"
+    run_merge(cfg, out, MergeOptions(memory_budget="20KB", quiet=True))
+    saved = json.loads((out / "tritonmerge_decisions.json").read_text())
+    report = tm.MergeReport()
+    expected = tm.merge_state_dicts(
+        method, load_folder(base_dir), [load_folder(e) for e in expert_dirs], report=report,
+        **load_config(cfg).resolve("", 0.0),
+    )
+    return load_folder(out), expected, saved, report

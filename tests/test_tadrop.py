@@ -346,20 +346,9 @@ def test_new_readings_keep_the_mean_exact(statistic, scope):
     {"statistic": "stable_rank_ratio", "pool": "pooled"},
 ])
 def test_engine_on_disk_equals_in_memory_for_new_readings(tmp_path, params):
-    from _checkpoints import load_folder, make_tiny
-    from tritonmerge.config import load_config
-    from tritonmerge.engine import MergeOptions, run_merge
+    from _checkpoints import disk_and_memory_merges
 
-    base_dir, expert_dirs = make_tiny(tmp_path / "models")
-    cfg = {"merge_method": "tadrop", "base_model": str(base_dir), "models": [{"model": str(e)} for e in expert_dirs],
-           "parameters": {"merge_method": "ties", "density": 0.4, "strength": 1.0, **params}}
-    out = tmp_path / "out"
-    run_merge(cfg, out, MergeOptions(memory_budget="20KB", quiet=True))
-    saved = json.loads((out / "tritonmerge_decisions.json").read_text())
-    b, es = load_folder(base_dir), [load_folder(e) for e in expert_dirs]
-    report = MergeReport()
-    expected = tm.merge_state_dicts("tadrop", b, es, report=report, **load_config(cfg).resolve("", 0.0))
-    got = load_folder(out)
+    got, expected, saved, report = disk_and_memory_merges(tmp_path, "tadrop", {"merge_method": "ties", "density": 0.4, "strength": 1.0, **params})
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
