@@ -519,6 +519,26 @@ def test_task_vector_stats_cpu_matches_reference(dtype, threads, monkeypatch):
     assert float(got[3, 2]) == 0.0 and float(got[0, 2]) > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sign_agreement_cpu_equals_reference(dtype, threads, monkeypatch):
+    """TADrop's sign_agreement: the same counts as the reference, so the same values bit for bit,
+    with most top-k thresholds splitting a set of ties (grid inputs) and ties spread over the
+    segments of several threads."""
+    from tritonmerge.ops.stats import sign_agreement_reference
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for case, (shape, n) in enumerate([((7,), 2), ((127, 129), 3), ((1000, 37), 4), ((600, 700), 3)]):
+        base, experts = grid_tensors(shape, n, dtype, seed=40 + case)
+        experts[-1] = base.clone() if case == 2 else experts[-1]  # a zero task vector
+        densities = [0.1, 0.5, 1.0, 0.03][:n]
+        got = cpu_merge.sign_agreement_cpu(base, experts, densities)
+        want = sign_agreement_reference(base, experts, densities)
+        assert torch.equal(got.isnan(), want.isnan()), (shape, got, want)
+        assert torch.equal(got.nan_to_num(-1), want.nan_to_num(-1)), (shape, got, want)
+    assert backends.dispatch("sign_agreement", base, experts, densities)[0] == "cpu"
+
+
 def test_task_vector_stats_cpu_edge_cases():
     """Mixed dtypes, tiny and empty tensors, NaN/Inf, more than 16 experts, and inputs the C
     loop does not take (float64: the reference runs)."""

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import tritonmerge as tm
+from tritonmerge import backends
 from tritonmerge.api import analyze
 from tritonmerge.context import MergeReport
 from tritonmerge.errors import ParameterError
 from tritonmerge.methods import tadrop as T
+from tritonmerge.ops.stats import sign_agreement_reference
 from tritonmerge.ops.stats import task_vector_stats_reference as task_vector_stats
 from tritonmerge.source import InMemorySource
 
@@ -135,13 +137,18 @@ def test_sign_agreement_by_hand():
     t0 = torch.tensor([5.0, 0.1, -0.2, 4.0], dtype=torch.float64)
     t1 = torch.tensor([1.0, 1.0, 1.0, -3.0], dtype=torch.float64)
     t2 = torch.tensor([1.0, -1.0, 0.0, 2.0], dtype=torch.float64)
-    got = T.sign_agreement([t0, t1, t2], [0.5, 0.25, 0.75])
+    zero = torch.zeros(4, dtype=torch.float64)
+    got = sign_agreement_reference(zero, [t0, t1, t2], [0.5, 0.25, 0.75])
     # task 1, k=1: position 3 (−3) vs t0 + t2 = +6 -> 0
     # task 2, k=3: positions 0 (+1 vs +6 agree), 1 (−1 vs +1.1 no), 3 (+2 vs +1 agree) -> 2/3
     torch.testing.assert_close(got, torch.tensor([0.5, 0.0, 2 / 3], dtype=torch.float64))
     # a zero sum of the others agrees with nothing; one task alone has no value
-    assert float(T.sign_agreement([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [0.5, 0.5])[0]) == 0.0
-    assert math.isnan(float(T.sign_agreement([t0], [0.5])[0]))
+    assert float(sign_agreement_reference(zero[:2], [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [0.5, 0.5])[0]) == 0.0
+    assert math.isnan(float(sign_agreement_reference(zero, [t0], [0.5])[0]))
+    # what TADrop runs (the fused CPU loops on float32 inputs; tests/test_cpu_kernels.py) agrees
+    f32 = [t.float() for t in (t0, t1, t2)]
+    got32 = backends.run_op("sign_agreement", zero.float(), f32, [0.5, 0.25, 0.75])
+    torch.testing.assert_close(got32, torch.tensor([0.5, 0.0, 2 / 3], dtype=torch.float64))
 
 
 # --- the decision function ------------------------------------------------------------------------
@@ -317,15 +324,28 @@ def test_sign_agreement_prunes_the_tensor_the_tasks_share_harder():
         assert all(0.3 < v < 0.7 for v in decisions.summary["tadrop"]["tensors"][other]["statistic"])
         assert all(a < b for a, b in zip(decisions.tensors[name].density, decisions.tensors[other].density))
     # the value is the function's on the task vectors
-    taus = [e[name].double() - base[name].double() for e in experts]
-    want = 1 - T.sign_agreement([t.float() for t in taus], [0.3] * 3)
-    assert row == pytest.approx(want.tolist(), abs=1e-12)
+    want = 1 - sign_agreement_reference(base[name], [e[name] for e in experts], [0.3] * 3)
+    assert row == want.tolist()
 
 
-def test_sign_agreement_needs_two_experts():
+def test_sign_agreement_with_one_expert_keeps_the_asked_density_and_says_so():
     base, experts = model(KINDS, n_experts=1)
-    with pytest.raises(ParameterError, match=r"sign_agreement.*at least 2 experts"):
-        decide(base, experts, merge_method="ties", statistic="sign_agreement")
+    with pytest.warns(UserWarning, match=r"sign_agreement.*one expert every tensor keeps the asked density 0.3"):
+        decisions = decide(base, experts, merge_method="ties", density=0.3)
+    rows = decisions.summary["tadrop"]["tensors"]
+    assert rows and all(row["density"] == [0.3] for row in rows.values())
+    with pytest.warns(UserWarning, match="one expert"):
+        merged = tm.merge_state_dicts("tadrop", base, experts, merge_method="ties", density=0.3)
+    plain = tm.merge_state_dicts("ties", base, experts, density=0.3)
+    assert all(torch.equal(merged[k], plain[k]) for k in base)
+
+
+def test_the_default_statistic_is_the_sweep_winner():
+    # sign_agreement per task won the validation sweep (benchmarks/results/quality_sweep_hard_ranking.md)
+    params = tm.get_method("tadrop").validate({"merge_method": "ties"})
+    assert (params.own.statistic, params.own.scope) == ("sign_agreement", "task")
+    with pytest.raises(ParameterError, match=r"'pool'.*statistic='sign_agreement' \(the default unless set\).*statistic='kurtosis'"):
+        tm.get_method("tadrop").validate({"merge_method": "ties", "pool": "pooled"})
 
 
 @pytest.mark.parametrize("statistic", ["effective_rank", "sign_agreement"])
@@ -418,7 +438,7 @@ def test_tadrop_on_dare_ties_is_reproducible_by_seed():
 
 def test_pooled_statistic_gives_every_task_the_same_densities():
     base, experts = model(KINDS)
-    decisions = decide(base, experts, merge_method="ties", density=0.3, pool="pooled")
+    decisions = decide(base, experts, merge_method="ties", density=0.3, statistic="kurtosis", pool="pooled")
     for name, row in decisions.summary["tadrop"]["tensors"].items():
         assert len(set(row["statistic"])) == 1 and len(set(row["density"])) == 1, name
 
@@ -443,7 +463,7 @@ def test_bf16_inputs_and_dtype_kept():
         ({"merge_method": "ties", "topk_scope": "model"}, r"topk_scope='tensor'"),
         ({"merge_method": "della", "density": 0.1, "epsilon": 0.15}, r"della's density ± epsilon"),
         ({"merge_method": "ties", "densty": 0.3}, r"unknown parameter 'densty'.*'density'"),
-        ({"merge_method": "ties", "statistic": "sign_agreement", "pool": "pooled"}, r"sign_agreement.*pool='task'"),
+        ({"merge_method": "ties", "statistic": "sign_agreement", "pool": "pooled"}, r"pool='pooled' needs a distribution statistic: statistic='sign_agreement'"),
         ({"merge_method": "ties", "scope": "tensor"}, r"scope.*'task'"),
     ],
 )

@@ -90,14 +90,14 @@ def test_exact_solver_reaches_a_loss_no_higher_than_adam(shape, T):
 def test_exact_solver_is_stationary_and_falls_back_to_lstsq():
     tv = task_vectors(3, 10, 12, seed=5, dtype=torch.float64)
     problem = W.precompute(tv.unsqueeze(0), need_gram=True)
-    tau = W.exact_solve(problem, ridge=1e-12)
+    tau, _ = W.exact_solve(problem, ridge=1e-12)
     grad = 2 * (problem.product(tau) - problem.B)
     assert grad.abs().max() < 1e-9 * problem.B.abs().max()
     # an exactly singular G (a column no task touches) with no ridge: Cholesky fails -> lstsq
     tv[:, :, -1] = 0
     problem = W.precompute(tv.unsqueeze(0), need_gram=True)
     assert int(torch.linalg.cholesky_ex(problem.G)[1][0]) != 0
-    tau = W.exact_solve(problem, ridge=0.0)
+    tau, _ = W.exact_solve(problem, ridge=0.0)
     assert torch.isfinite(tau).all()
     assert tau[0, :, -1].abs().max() < 1e-12  # minimum-norm solution leaves the dead column at 0
     grad = 2 * (problem.product(tau) - problem.B)
@@ -231,7 +231,7 @@ def test_identical_experts_fixed_point(make_tensors):
     base, (expert,) = make_tensors((16, 10), n_experts=1, scale=1e-2)
     T = 4
     tau0 = expert - base
-    adam = merge_tensors("wudi", base, [expert] * T, name="w") - base
+    adam = merge_tensors("wudi", base, [expert] * T, name="w", solver="adam") - base
     assert (adam - T * tau0).abs().max() <= 3 * STEPS * LR
     assert (adam - tau0).abs().max() > 0.5 * (T - 1) * tau0.abs().max()
     exact = merge_tensors("wudi", base, [expert] * T, name="w", solver="exact", ridge=1e-9)
@@ -317,7 +317,9 @@ def test_exact_solver_stays_bounded_on_low_rank_task_vectors():
     name = "model.layers.0.mlp.up_proj.weight"
     report = tritonmerge.MergeReport()
     exact = tritonmerge.merge_tensors("wudi", base, experts, name=name, solver="exact", report=report)
-    adam = tritonmerge.merge_tensors("wudi", base, experts, name=name, report=(adam_report := tritonmerge.MergeReport()))
+    adam = tritonmerge.merge_tensors(
+        "wudi", base, experts, name=name, solver="adam", report=(adam_report := tritonmerge.MergeReport())
+    )
     scale = sum(float((e - base).norm()) for e in experts)
     assert float((exact - base).norm()) <= 2 * scale
     assert report.tensors[name]["wudi_loss"] <= adam_report.tensors[name]["wudi_loss"] + 1e-12
@@ -332,6 +334,59 @@ def test_the_cuda_backend_declines_the_exact_solver():
     wudi = get_method("wudi")
     x = torch.zeros(4, 4)
     exact = wudi.impls["cuda"].supports(wudi.validate({"solver": "exact"}), x, [x], TensorContext(name="w"))
-    adam = wudi.impls["cuda"].supports(wudi.validate({}), x, [x], TensorContext(name="w"))
+    adam = wudi.impls["cuda"].supports(wudi.validate({"solver": "adam"}), x, [x], TensorContext(name="w"))
     assert any("solver 'exact'" in why for why in exact)
     assert not any("solver" in why for why in adam)
+
+
+def test_auto_solver_picks_exact_only_where_tasks_stack_twice_the_columns(make_tensors):
+    # [16, 10] with 2 tasks: 2·16 rows ≥ 2·10 columns -> exact; [4, 10] with 2 tasks: 8 < 20 -> adam
+    for shape, expected in (((16, 10), "exact"), ((4, 10), "adam")):
+        base, experts = make_tensors(shape, n_experts=2, scale=1e-2)
+        report = MergeReport()
+        auto = merge_tensors("wudi", base, experts, name="w", report=report)
+        assert report.tensors["w"]["wudi_solver"] == expected
+        same = merge_tensors("wudi", base, experts, name="w", solver=expected)
+        assert torch.equal(auto, same), shape
+
+
+def test_auto_solver_decides_per_layer_from_the_non_zero_tasks():
+    # one batch of same-shaped layers where one layer has lost 3 of its 4 tasks (as LwPTV prunes
+    # them): that layer alone falls back to Adam, and every layer equals its own solver's result
+    from tritonmerge.ops.wudi_solve import wudi_solve_batched
+
+    gen = torch.Generator().manual_seed(7)
+    layers = torch.randn(3, 4, 12, 8, generator=gen, dtype=torch.float64) * 1e-2
+    layers[1, 1:] = 0
+    merged, losses = wudi_solve_batched(layers, solver="auto", dtype=torch.float64)
+    assert losses.solvers == ["exact", "adam", "exact"]
+    assert losses.n_tasks == [4, 1, 4]
+    exact, exact_losses = wudi_solve_batched(layers[[0, 2]], solver="exact", dtype=torch.float64)
+    adam, adam_losses = wudi_solve_batched(layers[[1]], solver="adam", dtype=torch.float64)
+    assert torch.equal(merged[[0, 2]], exact) and torch.equal(merged[1], adam[0])
+    assert losses.final == [exact_losses.final[0], adam_losses.final[0], exact_losses.final[1]]
+
+
+def test_auto_solver_falls_back_to_adam_where_the_gram_is_singular():
+    # rank-1 task vectors (as LoRA deltas of rank 1): 2·64 rows ≥ 2·48 columns, but G has rank 2,
+    # so the minimiser is not unique and auto runs the Adam recipe instead
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=gen)
+    experts = [base + 1e-3 * torch.randn(64, 1, generator=gen) @ torch.randn(1, 48, generator=gen) for _ in range(2)]
+    report = MergeReport()
+    auto = merge_tensors("wudi", base, experts, name="model.layers.0.mlp.up_proj.weight", report=report)
+    assert report.tensors["model.layers.0.mlp.up_proj.weight"]["wudi_solver"] == "adam"
+    assert torch.equal(auto, merge_tensors("wudi", base, experts, name="model.layers.0.mlp.up_proj.weight", solver="adam"))
+
+
+def test_the_cuda_backend_declines_layers_auto_solves_exactly():
+    from tritonmerge.catalog import get_method
+
+    wudi = get_method("wudi")
+    base = torch.zeros(16, 10)
+    experts = [base + 1, base + 2]
+    auto = wudi.validate({})
+    exact_layer = wudi.impls["cuda"].supports(auto, base, experts, TensorContext(name="w"))
+    assert any("solver 'auto' solves this layer exactly" in why for why in exact_layer)
+    adam_layer = wudi.impls["cuda"].supports(auto, base[:4], [e[:4] for e in experts], TensorContext(name="w"))
+    assert not any("solver" in why for why in adam_layer)

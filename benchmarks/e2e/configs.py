@@ -30,7 +30,9 @@ CASES: dict[str, Case] = {
         Case("linear", "linear", {"weight": 1.0}, {}, True, "exact", uses_base=False),
         Case("ties", "ties", {"weight": 1.0, "density": 0.2}, {}, True, "exact"),
         Case("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}, {}, True, "statistical"),
-        Case("wudi", "wudi", {}, {}, False, None),
+        # the official recipe (300 Adam steps); the default solver, auto, solves these full-rank
+        # layers exactly, which is the wudi_exact row
+        Case("wudi", "wudi", {}, {"solver": "adam"}, False, None),
         # the closed-form solver: on a GPU seconds for a 1B model where 300 Adam steps take minutes
         Case("wudi_exact", "wudi", {}, {"solver": "exact"}, False, None),
         Case("ties+tadrop", "tadrop", {"weight": 1.0}, {"merge_method": "ties", "density": 0.2}, False, None),

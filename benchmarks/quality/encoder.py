@@ -8,6 +8,7 @@ cosine similarities divided by a fixed temperature. Only the encoder changes bet
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,11 +127,19 @@ def embed(model: torch.nn.Module, tokens: Tokens, batch_tokens: int = 4096) -> t
         input_ids, mask = pad_batch([tokens.ids[i] for i in idx])
         emb = sentence_embeddings(model, input_ids, mask)
         if out is None:
-            out = torch.empty((len(tokens), emb.shape[1]), dtype=emb.dtype)
+            out = torch.empty((len(tokens), emb.shape[1]), dtype=torch.float32)
         out[torch.tensor(idx)] = emb
         start = end
     assert out is not None, "embed() needs at least one text"
     return out
+
+
+def precision(name: str) -> contextlib.AbstractContextManager:
+    """The evaluation precision: ``bfloat16`` autocasts the encoder's matmuls (about 3× faster
+    than float32 on a CPU with AVX512-BF16; pooling, normalisation and the heads stay float32)."""
+    if name == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def cosine_logits(embeddings: torch.Tensor, head: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -137,7 +137,8 @@ def correctness(bench: Bench, state: Mapping[str, torch.Tensor] | None, sets: Se
     enc.load_state(bench.model, state if state is not None else bench.base)
     try:
         ids = [x for s in sets for x in s.tokens.ids]
-        emb = enc.embed(bench.model, enc.Tokens(ids))
+        with enc.precision(bench.tasks.settings["eval_precision"]):
+            emb = enc.embed(bench.model, enc.Tokens(ids))
     finally:
         if state is not None:
             enc.load_state(bench.model, bench.base)

@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
 ID_TOLERANCE = 1.0  # points of validation ID average LwPTV may cost
 # parameters the modifiers inherit from their host: they say nothing about the reading
 HOST_KEYS = {"lambda", "density", "topk_scope", "merge_method", "seed", "solver"}
@@ -35,26 +36,28 @@ def reading_of(params: Mapping[str, Any], fixed: Mapping[str, Any]) -> tuple[tup
     return tuple((k, params[k]) for k in keys) + tuple(sorted((k, v) for k, v in fixed.items() if k not in HOST_KEYS and k not in params))
 
 
-def host_of(run_name: str, runs: Mapping[str, Any]) -> str | None:
-    """The host run: the modifier run's name after its '+' (``lwptv + ties (tensor)`` style names
-    map to the run whose name is that suffix, else the inner method name's run)."""
-    suffix = run_name.split("+", 1)[-1].strip()
-    if suffix in runs:
-        return suffix
-    aliases = {"ties": "ties (tensor)"}
-    return aliases.get(suffix) if aliases.get(suffix) in runs else None
+def hosts_from_methods_file(result: Mapping[str, Any]) -> dict[str, str]:
+    """run name -> the run it ``inherit``s from, read from the methods file the result names."""
+    from .run import load_methods_file
+
+    path = Path(result["methods_file"])
+    if not path.is_absolute():
+        path = REPO / path
+    _, runs = load_methods_file(path)
+    return {r.name: r.inherit for r in runs if r.inherit is not None}
 
 
 def paired_differences(result: Mapping[str, Any]) -> dict[str, dict[tuple, dict[str, list[float]]]]:
     """modifier -> reading -> {'id': [...], 'ood': [...], 'hosts_id': {host: mean diff}} over
     (host, seed) pairs."""
     runs = {r["name"]: r for r in result["runs"]}
+    hosts = hosts_from_methods_file(result)
     out: dict[str, dict[tuple, dict[str, Any]]] = {"tadrop": defaultdict(dict), "lwptv": defaultdict(dict)}
     for name, run in runs.items():
         if run["method"] not in out or "grid" not in run:
             continue
-        host = host_of(name, runs)
-        if host is None:
+        host = hosts.get(name)
+        if host is None or host not in runs:
             continue
         for seed, points in run["grid"].items():
             host_val = runs[host]["grid"][seed] if "grid" in runs[host] else None

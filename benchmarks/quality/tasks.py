@@ -37,7 +37,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "split_seed": 0,
     "corruption": {"rate": 0.12, "salt": "tritonmerge-quality"},
     "finetune": {"lr": 1e-4, "batch_size": 16, "epochs": 2, "weight_decay": 0.0, "warmup_frac": 0.1},
+    # precision of the evaluation forward passes (fine-tuning and the heads stay float32)
+    "eval_precision": "float32",
 }
+EVAL_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -96,6 +99,8 @@ def load_task_file(path: str | Path) -> TaskFile:
 
         raw = yaml.safe_load(text)
     settings = _merge_settings(DEFAULT_SETTINGS, raw.get("settings") or {})
+    if settings["eval_precision"] not in EVAL_PRECISIONS:
+        raise ValueError(f"{path}: settings.eval_precision {settings['eval_precision']!r} is not one of {EVAL_PRECISIONS}")
     tasks = []
     for i, entry in enumerate(raw.get("tasks") or []):
         missing = [k for k in ("name", "role", "source", "labels", "per_class") if k not in entry]

@@ -161,6 +161,10 @@ OPS: dict[str, dict[str, OpImpl]] = {
         "cpu": _cpu_op("task_vector_stats_cpu"),
         "torch": _reference(reference_stats.task_vector_stats_reference),
     },
+    "sign_agreement": {
+        "cpu": _cpu_op("sign_agreement_cpu"),
+        "torch": _reference(reference_stats.sign_agreement_reference),
+    },
     "kth_largest": {"triton": _triton_op("kth_largest"), "torch": _reference(reference_select.kth_largest)},
     "topk_mask": {"triton": _triton_op("topk_mask"), "torch": _reference(reference_select.topk_mask)},
     "model_thresholds": {

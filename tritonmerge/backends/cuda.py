@@ -33,7 +33,7 @@ def wudi_solve_cuda(task_vectors: torch.Tensor | Sequence[torch.Tensor], **kwarg
 
 def wudi_solve_reasons(device: torch.device, *args: Any, **kwargs: Any) -> list[str]:
     """Why the fused step cannot take a solve on ``device`` ([] when it can)."""
-    if kwargs.get("solver", "adam") != "adam":
+    if kwargs.get("solver", "adam") not in ("adam", "auto"):
         return [f"solver {kwargs['solver']!r} runs in torch; the CUDA step serves the adam solver only"]
     if device.type != "cuda":
         return [f"the data is on {device}; the CUDA extension takes CUDA tensors"]

@@ -41,10 +41,11 @@ function ``decide_densities`` on the resulting small table.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError, UnknownMethodError
@@ -96,15 +97,17 @@ class TadropParams(MethodParams):
         description="the sparsifying method whose density is adapted per tensor: " + ", ".join(SPARSIFYING)
     )
     statistic: Statistic = Field(
-        "kurtosis",
+        "sign_agreement",
         description=(
-            "distribution statistic of τ per tensor, larger = more concentrated: kurtosis (excess), "
+            "the default, sign_agreement, won the quality benchmark's validation sweep (within noise of its "
+            "hosts; docs/modifiers.md). Distribution statistic of τ per tensor, larger = more concentrated: kurtosis (excess), "
             "l1_l2 (√n·‖τ‖₂/‖τ‖₁), cv (std/mean of |τ|), max_ratio (max|τ|/RMS), entropy (negentropy of the |τ| histogram); "
             "2-D only, from τ's singular values (one SVD per task and tensor; other shapes count as average): "
             "effective_rank (1 − erank/min(m,n), erank = exp of the entropy of σ/Σσ), "
             "stable_rank_ratio (1 − (‖τ‖_F²/σ_max²)/min(m,n)); "
             "across tasks: sign_agreement (1 − share of task i's top-density entries whose sign agrees with the "
-            "other tasks' summed τ: redundant with the others = low = pruned harder)"
+            "other tasks' summed τ: redundant with the others = low = pruned harder; with a single expert "
+            "there are no others and every tensor keeps the asked density)"
         ),
     )
     transform: Literal["log", "none"] = Field(
@@ -160,14 +163,16 @@ class TadropParams(MethodParams):
             raise ValueError(f"max_density must be >= min_density ({low})")
         return value
 
-    @model_validator(mode="after")
-    def _combinations(self) -> "TadropParams":
-        if self.statistic in CROSS_TASK and self.pool == "pooled":
+    @field_validator("pool")
+    @classmethod
+    def _pool_needs_a_per_task_statistic(cls, value: str, info: ValidationInfo) -> str:
+        statistic = info.data.get("statistic")
+        if value == "pooled" and statistic in CROSS_TASK:
             raise ValueError(
-                f"statistic={self.statistic!r} compares each task with the others, so it has no pooled value; "
-                "use pool='task'"
+                f"pool='pooled' needs a distribution statistic: statistic={statistic!r} (the default unless "
+                "set) compares each task with the others and has no pooled value; pass e.g. statistic='kurtosis'"
             )
-        return self
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,30 +294,6 @@ def spectral_statistic(tau: torch.Tensor, statistic: str) -> float:
     if not math.isfinite(rank):
         return float("nan")
     return 1.0 - rank / min(tau.shape)
-
-
-def sign_agreement(taus: Sequence[torch.Tensor], densities: Sequence[float]) -> torch.Tensor:
-    """Per task i: the share of τᵢ's top-⌊dᵢ·n⌋ entries by |τᵢ| (the tie rule of TIES's top-k) whose
-    sign agrees with the sign of Σ_{l≠i} τ_l at the same position (a zero sum agrees with nothing).
-    float64 sums; [N] float64, NaN for a zero τᵢ or with fewer than two task vectors."""
-    n = len(taus)
-    out = torch.full((n,), float("nan"), dtype=torch.float64)
-    if n < 2:
-        return out
-    dt = torch.float64
-    total = torch.zeros(taus[0].shape, dtype=dt, device=taus[0].device)
-    for t in taus:
-        total += t.to(dt)
-    for i, t in enumerate(taus):
-        k = keep_count(float(densities[i]), t.numel())
-        if k == 0 or not bool((t != 0).any()):
-            continue
-        top = backends.run_op("topk_mask", t.abs(), k)
-        mine = t[top].to(dt)
-        others = total[top] - mine  # only the selected entries in float64, not a second full copy
-        agree = (torch.sign(mine) * torch.sign(others)) > 0
-        out[i] = float(agree.to(dt).sum()) / int(top.sum())
-    return out
 
 
 def transform_statistic(values: torch.Tensor, statistic: str, transform: str) -> torch.Tensor:
@@ -534,12 +515,10 @@ def collect_statistics(
                 [spectral_statistic(e.to(dt) - b, p.statistic) for e in kept_experts], dtype=torch.float64
             )
         elif p.statistic in CROSS_TASK:
-            dt = _spectral_dtype(zero, *kept_experts)
-            b = zero.to(dt)
             dens = [1.0] * n if asked is None else asked
             # 1 − agreement: a task whose important entries the others already push the same way
             # is redundant ("denser") and scores low
-            values = 1.0 - sign_agreement([e.to(dt) - b for e in kept_experts], [dens[i] for i in kept])
+            values = 1.0 - backends.run_op("sign_agreement", zero, kept_experts, [dens[i] for i in kept])
         else:
             values = statistic_from_stats(backends.run_op("task_vector_stats", zero, kept_experts), p.statistic)
         columns[name] = (kept, values[0].expand(len(kept)) if p.pool == "pooled" else values)
@@ -560,8 +539,12 @@ def analyze_tadrop(p: Composite, source: TensorSource, decisions: ModelDecisions
         )
     n = source.n_experts
     if own.statistic in CROSS_TASK and n < 2:
-        raise ParameterError(
-            f"tadrop: statistic={own.statistic!r} compares each task with the others; it needs at least 2 experts"
+        # no other task to compare with: the statistic is undefined everywhere, so every tensor
+        # keeps the asked density (decide_densities' rule for undefined statistics)
+        warnings.warn(
+            f"tadrop: statistic={own.statistic!r} compares each task with the others; with one expert every "
+            f"tensor keeps the asked density {inner_params.density}",
+            stacklevel=2,
         )
     asked = per_expert(inner_params.density, n, "density")
     low, high = _density_bounds(own, inner_name, inner_params)
@@ -662,7 +645,7 @@ register(
     MergeMethod(
         name="tadrop",
         params=TadropParams,
-        doc="TADrop (reconstruction): per-(task, tensor) densities from τ's distribution statistics, handed to a sparsifying method.",
+        doc="TADrop (reconstruction): per-(task, tensor) densities from a statistic of τ (default: how far its top entries agree in sign with the other tasks'), handed to a sparsifying method.",
         merge_tensor=_merge_tensor,
         reference="Luo et al. 2025, arXiv 2508.06163 (abstract only); reading in docs/algorithms.md §2 and docs/modifiers.md",
         analyze=analyze_tadrop,

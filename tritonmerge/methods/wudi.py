@@ -5,12 +5,14 @@ For a selected 2-D weight with task vectors τᵢ = θᵢ − θ₀ ([out, in] =
 
     τ* ≈ argmin_τ Σᵢ ‖(τ − τᵢ) τᵢᵀ‖²_F / ‖τᵢ‖²_F,        θ = θ₀ + 1·τ*
 
-reached as in the official code (nathanielyvo/WUDI-Merging:wudi_main.py): start at Σᵢτᵢ, 300
-steps of Adam (lr 1e-5, β 0.9/0.999, ε 1e-8, bias correction), float32, no λ. The steps are
-computed through the reformulation of ``ops/wudi_solve.py`` (one GEMM per step, same iterates
+``solver="adam"`` reaches it as the official code does (nathanielyvo/WUDI-Merging:wudi_main.py):
+start at Σᵢτᵢ, 300 steps of Adam (lr 1e-5, β 0.9/0.999, ε 1e-8, bias correction), float32, no
+λ, computed through the reformulation of ``ops/wudi_solve.py`` (one GEMM per step, same iterates
 up to rounding). ``solver="exact"`` returns the ridge-regularised minimiser B(G + εI)⁻¹ instead
-(ε = ridge·tr(G)/n, tr(G) = number of non-zero tasks) — not the official method, and reported
-to merge worse (docs/algorithms.md §1.2).
+(ε = ridge·tr(G)/n, tr(G) = number of non-zero tasks). The default ``solver="auto"`` takes the
+exact minimiser where a layer's non-zero tasks determine it (T·m ≥ 2n and G numerically
+invertible) and the Adam recipe elsewhere: the quality benchmark's validation splits chose it,
+and the exact solve of a near-singular G blows up (docs/algorithms.md §1.2).
 
 Tensor selection (docs/algorithms.md §1.3): ``select="official"`` optimises 2-D weights except names
 containing a substring of ``exclude`` (default: embeddings ``embed``/``wte``/``wpe``/
@@ -54,11 +56,12 @@ DEFAULT_EXCLUDE = ("embed", "wte", "wpe", "position_embedding", "lm_head")
 class WudiParams(MethodParams):
     steps: int = Field(300, ge=0, description="Adam iterations per tensor (official 300; 0 = task arithmetic with λ=1)")
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (official ViT 1e-5, RoBERTa 2e-5)")
-    solver: Literal["adam", "exact", "autograd"] = Field(
-        "adam",
+    solver: Literal["auto", "adam", "exact", "autograd"] = Field(
+        "auto",
         description=(
-            "adam: the official early-stopped Adam run (reformulated, batched); exact: closed-form ridge "
-            "minimiser; autograd: the official loop as written (autograd and torch.optim.Adam, one layer at "
+            "auto (default, chosen on the quality benchmark's validation splits): per layer, exact where its "
+            "non-zero tasks stack T·m ≥ 2n rows against G's n columns and G is invertible, else adam; adam: the official "
+            "early-stopped Adam run (reformulated, batched); exact: closed-form ridge minimiser; autograd: the official loop as written (autograd and torch.optim.Adam, one layer at "
             "a time), the official code's and FusionBench's bits at several times adam's cost"
         ),
     )
@@ -132,13 +135,18 @@ def _solve_kwargs(params: WudiParams) -> dict[str, Any]:
     )
 
 
-def _record(ctx: TensorContext, losses: wudi_solve.WudiLosses, i: int, params: WudiParams) -> None:
+def _record(ctx: TensorContext, losses: wudi_solve.WudiLosses, i: int) -> None:
     ctx.record(
         wudi_init_loss=losses.init[i],
         wudi_loss=losses.final[i],
         wudi_tasks=losses.n_tasks[i],
-        wudi_solver=params.solver,
+        wudi_solver=losses.solvers[i],
     )
+
+
+def _backend_that_ran(dispatched: str, solver_that_ran: str) -> str:
+    # the exact and autograd solvers are torch's on every device, whichever backend took the call
+    return dispatched if solver_that_ran == "adam" else "torch"
 
 
 def _merge(base: torch.Tensor, experts: Sequence[torch.Tensor], params: WudiParams, ctx: TensorContext, backend: str) -> torch.Tensor:
@@ -147,7 +155,7 @@ def _merge(base: torch.Tensor, experts: Sequence[torch.Tensor], params: WudiPara
     transposed = _is_transposed(ctx.name, params)
     tv = _task_vectors(base, experts, transposed)
     merged, losses = backends.run_op("wudi_solve", tv.unsqueeze(0), backend=backend, **_solve_kwargs(params))
-    _record(ctx, losses, 0, params)
+    _record(ctx, losses, 0)
     tau = merged[0].T if transposed else merged[0]
     return base.to(torch.float32) + tau
 
@@ -161,7 +169,7 @@ wudi = register(
     MergeMethod(
         name="wudi",
         params=WudiParams,
-        doc="WUDI: per linear weight, Adam on Σ‖(τ−τᵢ)τᵢᵀ‖²/‖τᵢ‖² from Στᵢ (official recipe) or its exact minimiser",
+        doc="WUDI: per linear weight, the minimiser of Σ‖(τ−τᵢ)τᵢᵀ‖²/‖τᵢ‖² where the tasks determine it, else the official early-stopped Adam run from Στᵢ",
         merge_tensor=merge_wudi,
         reference="nathanielyvo/WUDI-Merging:wudi_main.py; arXiv 2503.08099",
         min_experts=1,
@@ -171,6 +179,11 @@ wudi = register(
 
 def _cuda_supports(params: WudiParams, base: torch.Tensor, experts: Sequence[torch.Tensor], ctx: TensorContext) -> list[str]:
     # the exact solver is declined so that the merge report names torch, which runs it
+    if params.solver == "auto" and is_selected(ctx.name, base.shape, params):
+        m, n = base.shape[::-1] if _is_transposed(ctx.name, params) else base.shape
+        live = sum(e is not base for e in experts)  # merge_one hands LwPTV-pruned experts in as base
+        if wudi_solve.auto_solver(live, m, n) == "exact":
+            return [f"solver 'auto' solves this layer exactly ({live} tasks × {m} rows ≥ 2 × {n} columns), in torch"]
     return wudi_solve_reasons(base.device, solver=params.solver)
 
 
@@ -230,13 +243,13 @@ def merge_wudi_group(
     if len(shapes) != 1:
         raise ValueError(f"wudi: a group must share one problem shape, got {sorted(shapes)}")
     solve_backend = want if want in ("torch", "cuda") else "auto"
-    if solve_backend == "cuda" and params.solver != "adam":
+    if solve_backend == "cuda" and params.solver not in ("adam", "auto"):
         solve_backend = "torch"  # the exact and autograd solvers are torch's on any device
     used, (merged, losses) = backends.dispatch("wudi_solve", layers, backend=solve_backend, **_solve_kwargs(params))
     out = []
     for i, (base, _, ctx) in enumerate(items):
-        _record(ctx, losses, i, params)
-        ctx.record_backend(used)
+        _record(ctx, losses, i)
+        ctx.record_backend(_backend_that_ran(used, losses.solvers[i]))
         tau = merged[i].T if flags[i] else merged[i]
         out.append((base.to(torch.float32) + tau).to(dtype=base.dtype, device=base.device))
     return out
@@ -244,11 +257,13 @@ def merge_wudi_group(
 
 def wudi_flops(params: WudiParams, name: str, shape: Sequence[int], n_experts: int) -> float:
     """The matrix products of one tensor: per Adam step one [m, n] × [n, n] product (forming G
-    and B costs about one more step per task); the exact solver about one step's worth."""
+    and B costs about one more step per task); the exact solver about one step's worth (``auto``:
+    as if every expert's task vector were non-zero)."""
     if not is_selected(name, shape, params):
         return 0.0
     m, n = shape
-    steps = 1 if params.solver == "exact" else max(params.steps, 1)
+    solver = wudi_solve.auto_solver(n_experts, m, n) if params.solver == "auto" else params.solver
+    steps = 1 if solver == "exact" else max(params.steps, 1)
     return (steps + n_experts) * 2.0 * m * n * n
 
 

@@ -4,7 +4,8 @@ One read of base and experts gives, for every expert i, the moments of τᵢ = e
 count, Σx, Σx², Σ|x|, max|x|, Σx³, Σx⁴ (float64 accumulation). TADrop's densities and LwPTV's
 layer scores are computed from these; ``STAT_COLUMNS`` names the columns. This is the torch
 reference; ``backends.run_op("task_vector_stats", base, experts)`` picks the fused C loop or the
-Triton kernel where they can run.
+Triton kernel where they can run. ``sign_agreement_reference`` is TADrop's cross-task statistic
+(``backends.run_op("sign_agreement", ...)``: the fused C loop on the CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .select import keep_count, topk_mask
 
 STAT_COLUMNS = ("count", "sum", "sum_sq", "sum_abs", "max_abs", "sum_cube", "sum_quad")
 
@@ -47,3 +50,32 @@ def all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def sign_agreement_reference(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]
+) -> torch.Tensor:
+    """Per expert i: the share of τᵢ's top-⌊dᵢ·n⌋ entries by |τᵢ| (``ops.select.topk_mask``'s tie
+    rule, as TIES keeps them) whose sign agrees with the sign of Σ_{l≠i} τ_l at the same position
+    (a zero sum agrees with nothing). τ in float32 (float64 for float64 inputs), the sums in
+    float64 in expert order; [N] float64 on the CPU, NaN for a zero τᵢ or fewer than two experts."""
+    n = len(experts)
+    out = torch.full((n,), float("nan"), dtype=torch.float64)
+    if n < 2:
+        return out
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in (base, *experts)) else torch.float32
+    b = base.detach().to(dt)
+    taus = [e.detach().to(dt) - b for e in experts]
+    total = torch.zeros(b.shape, dtype=torch.float64, device=b.device)
+    for t in taus:
+        total += t.to(torch.float64)
+    for i, t in enumerate(taus):
+        k = keep_count(float(densities[i]), t.numel())
+        if k == 0 or not bool((t != 0).any()):
+            continue
+        top = topk_mask(t.abs(), k)
+        mine = t[top].to(torch.float64)
+        others = total[top] - mine  # only the selected entries in float64, not a second full copy
+        agree = (torch.sign(mine) * torch.sign(others)) > 0
+        out[i] = float(agree.to(torch.float64).sum()) / int(top.sum())
+    return out

@@ -55,6 +55,11 @@ DEFAULT_RIDGE = 1e-6
 _TINY_SQ_NORM = torch.finfo(torch.float32).tiny
 
 Orientation = Literal["auto", "gram", "factored"]
+Solver = Literal["auto", "adam", "exact", "autograd"]
+# solver="auto" solves a layer exactly only when its non-zero tasks stack at least this many
+# times as many rows as G has columns (T_nonzero·m ≥ ratio·n): below it G is singular or close to
+# it, and the minimiser's components along the small eigen-directions blow up (docs/algorithms.md §1.2)
+AUTO_EXACT_ROWS_PER_COLUMN = 2.0
 
 
 @dataclass
@@ -64,6 +69,8 @@ class WudiLosses:
     init: list[float] = field(default_factory=list)
     final: list[float] = field(default_factory=list)
     n_tasks: list[int] = field(default_factory=list)
+    solvers: list[str] = field(default_factory=list)  # the solver that ran, per layer
+    gram_rank: list[int] = field(default_factory=list)  # exact solver: G's numerical rank, per layer
 
 
 @dataclass
@@ -319,9 +326,12 @@ class _GraphedAdam:
 # exact solve
 
 
-def exact_solve(problem: WudiProblem, *, ridge: float = DEFAULT_RIDGE, rcond: float = EXACT_RCOND) -> torch.Tensor:
-    """argmin of L + ε‖τ‖² restricted to G's numerical range: τ = B V diag(1/(λ+ε)) Vᵀ over the
-    eigenpairs of G with λ > rcond·λ_max, ε = ridge · tr(G)/n = ridge · T_nonzero/n.
+def exact_solve(
+    problem: WudiProblem, *, ridge: float = DEFAULT_RIDGE, rcond: float = EXACT_RCOND
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ, rank): argmin of L + ε‖τ‖² restricted to G's numerical range, τ = B V diag(1/(λ+ε)) Vᵀ
+    over the eigenpairs of G with λ > rcond·λ_max, ε = ridge · tr(G)/n = ridge · T_nonzero/n;
+    rank [b] counts those eigenpairs (n: G is numerically invertible and the minimiser unique).
 
     G = Σ wᵢτᵢᵀτᵢ is rank-deficient whenever the task vectors are low-rank (few tasks, short
     fine-tuning, LwPTV-pruned tasks). G and B are accumulated in float32, so G's tiny eigenvalues
@@ -335,11 +345,12 @@ def exact_solve(problem: WudiProblem, *, ridge: float = DEFAULT_RIDGE, rcond: fl
     eps = (ridge * problem.n_tasks.to(torch.float64) / n).view(b, 1)
     evals, evecs = torch.linalg.eigh(G)
     cutoff = rcond * evals.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(evals > cutoff, 1.0 / (evals + eps), torch.zeros_like(evals))
+    retained = evals > cutoff
+    inv = torch.where(retained, 1.0 / (evals + eps), torch.zeros_like(evals))
     B = problem.B.to(torch.float64)
     X = ((B @ evecs) * inv.unsqueeze(1)) @ evecs.transpose(1, 2)
     X[problem.n_tasks == 0] = 0
-    return X.to(problem.B.dtype).contiguous()
+    return X.to(problem.B.dtype).contiguous(), retained.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,12 +416,14 @@ def _autograd_layers(
                 losses.init.append(0.0)
                 losses.final.append(0.0)
                 losses.n_tasks.append(0)
+                losses.solvers.append("autograd")
                 continue
             with torch.enable_grad():
                 tau, history = official_wudi_autograd(kept, steps=steps, lr=lr)
             losses.init.append(history[0] if history else wudi_loss_direct(kept, tau))
             losses.final.append(wudi_loss_direct(kept, tau))
             losses.n_tasks.append(len(kept))
+            losses.solvers.append("autograd")
             merged[i] = tau.to(out_device)
     return merged, losses
 
@@ -442,8 +455,17 @@ def matmul_precision(tf32: bool, device: torch.device) -> Iterator[None]:
             matmul.allow_tf32 = old
 
 
+def auto_solver(n_tasks: int, m: int, n: int) -> str:
+    """The solver ``solver="auto"`` tries first on one [m, n] layer with ``n_tasks`` non-zero task
+    vectors; a layer it tries exactly falls back to Adam if G turns out numerically singular
+    (low-rank task vectors, e.g. LoRA deltas)."""
+    return "exact" if n_tasks > 0 and n_tasks * m >= AUTO_EXACT_ROWS_PER_COLUMN * n else "adam"
+
+
 def layer_bytes(m: int, n: int, T: int, *, solver: str = "adam", orientation: Orientation = "auto") -> int:
     """Upper estimate of the device bytes one layer needs inside a batch (float32)."""
+    if solver == "auto":
+        solver = auto_solver(T, m, n)
     form = choose_orientation(m, n, T, orientation)
     mn = m * n
     work = T * mn + 6 * mn  # task vectors, τ, m, v, P, grad, B
@@ -472,7 +494,7 @@ def wudi_solve_batched(
     *,
     steps: int = 300,
     lr: float = 1e-5,
-    solver: Literal["adam", "exact", "autograd"] = "adam",
+    solver: Solver = "adam",
     adam_step: AdamStep | None = None,
     ridge: float = DEFAULT_RIDGE,
     tf32: bool = False,
@@ -489,8 +511,9 @@ def wudi_solve_batched(
         task_vectors: [L, T, m, n] tensor, or a sequence of L tensors [T, m, n] (any float dtype,
             any device). Zero task vectors are dropped from their layer's loss.
         steps, lr: Adam iterations and learning rate (official: 300, 1e-5).
-        solver: ``adam`` (the official iterates), ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n) or
-            ``autograd`` (the official loop as written, ``official_wudi_autograd``, one layer at
+        solver: ``adam`` (the official iterates), ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n),
+            ``auto`` (per layer: ``exact`` where its non-zero tasks give T·m ≥ 2n, else ``adam``;
+            ``auto_solver``) or ``autograd`` (the official loop as written, ``official_wudi_autograd``, one layer at
             a time: the official code's and FusionBench's bits, at several times the cost).
         adam_step: the fused Adam update to use (backends/cuda.py's, on CUDA tensors); None:
             torch's ops. The dispatcher (``backends.run_op("wudi_solve", ...)``) chooses it.
@@ -506,8 +529,8 @@ def wudi_solve_batched(
     Returns:
         (merged [L, m, n] in ``dtype`` on the input's device, ``WudiLosses``).
     """
-    if solver not in ("adam", "exact", "autograd"):
-        raise ValueError(f"wudi_solve_batched: solver {solver!r} is not 'adam', 'exact' or 'autograd'")
+    if solver not in ("auto", "adam", "exact", "autograd"):
+        raise ValueError(f"wudi_solve_batched: solver {solver!r} is not 'auto', 'adam', 'exact' or 'autograd'")
     layers = list(task_vectors) if not isinstance(task_vectors, torch.Tensor) else task_vectors
     if len(layers) == 0:
         raise ValueError("wudi_solve_batched: no layers given")
@@ -520,6 +543,12 @@ def wudi_solve_batched(
             raise ValueError(f"wudi_solve_batched: layer shapes differ: {tuple(x.shape)} vs {(T, m, n)}")
     out_device = first.device
     dev = torch.device(device) if device is not None else first.device
+    options = dict(
+        steps=steps, lr=lr, adam_step=adam_step, ridge=ridge, tf32=tf32, batch_memory_gb=batch_memory_gb,
+        device=device, dtype=dtype, orientation=orientation, cuda_graph=cuda_graph, compute_losses=compute_losses,
+    )
+    if solver == "auto":
+        return _auto_layers(layers, m, n, options)
     if solver == "autograd":
         return _autograd_layers(layers, steps=steps, lr=lr, device=dev, dtype=dtype, tf32=tf32, out_device=out_device)
     budget = int(batch_memory_gb * (1 << 30)) if batch_memory_gb is not None else default_budget(dev)
@@ -538,7 +567,8 @@ def wudi_solve_batched(
             problem = precompute(tv, orientation=orientation, need_gram=solver == "exact")
             del tv
             if solver == "exact":
-                tau = exact_solve(problem, ridge=ridge)
+                tau, rank = exact_solve(problem, ridge=ridge)
+                losses.gram_rank.extend(int(r) for r in rank.tolist())
                 P = problem.product(tau) if compute_losses else None
                 loss0 = problem.loss(problem.init) if compute_losses else None
             elif use_graph:
@@ -553,5 +583,43 @@ def wudi_solve_batched(
                 losses.init.extend(loss0.tolist())
                 losses.final.extend(problem.loss(tau, P).tolist())
             losses.n_tasks.extend(int(k) for k in problem.n_tasks.tolist())
+            losses.solvers.extend([solver] * len(chunk))
             merged[start : start + len(chunk)] = tau.to(out_device)
+    return merged, losses
+
+
+def _auto_layers(layers: torch.Tensor | Sequence[torch.Tensor], m: int, n: int, options: dict) -> tuple[torch.Tensor, WudiLosses]:
+    """``solver="auto"``: split the layers by ``auto_solver`` of their non-zero task count, solve
+    each share with its solver, and return the results in the input order."""
+    counts = [int(task_scales(x)[2].sum()) for x in layers]
+    out_device = layers[0].device
+    merged = torch.empty(len(layers), m, n, dtype=options["dtype"], device=out_device)
+    per_layer: list[tuple[float, float, int, str] | None] = [None] * len(layers)
+
+    def solve(idx: list[int], share_solver: str) -> list[int]:
+        """Solve layers ``idx`` with ``share_solver``; returns those the exact solve found singular."""
+        if not idx:
+            return []
+        part, part_losses = wudi_solve_batched([layers[i] for i in idx], solver=share_solver, **options)
+        singular = []
+        for j, i in enumerate(idx):
+            if share_solver == "exact" and part_losses.gram_rank[j] < n:
+                singular.append(i)
+                continue
+            merged[i] = part[j]
+            init = part_losses.init[j] if part_losses.init else float("nan")
+            final = part_losses.final[j] if part_losses.final else float("nan")
+            per_layer[i] = (init, final, part_losses.n_tasks[j], share_solver)
+        return singular
+
+    chosen = [auto_solver(k, m, n) for k in counts]
+    singular = solve([i for i, c in enumerate(chosen) if c == "exact"], "exact")
+    solve(sorted([i for i, c in enumerate(chosen) if c == "adam"] + singular), "adam")
+    losses = WudiLosses()
+    for init, final, k, s in per_layer:  # type: ignore[misc]
+        if options["compute_losses"]:
+            losses.init.append(init)
+            losses.final.append(final)
+        losses.n_tasks.append(k)
+        losses.solvers.append(s)
     return merged, losses

@@ -36,7 +36,7 @@ import torch
 from ...ops.merge_spec import Divide, Elect, Keep, Rescale
 
 MAX_EXPERTS = 16
-ABI_VERSION = 3
+ABI_VERSION = 4
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 
@@ -202,6 +202,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_tau_stats.restype = ctypes.c_int
     lib.tm_tau_stats_gram.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_tau_stats_gram.restype = ctypes.c_int
+    lib.tm_sign_agreement.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tm_sign_agreement.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     lib.tm_count_nonfinite.restype = ctypes.c_int64
     lib.tm_xxh64_state_size.restype = ctypes.c_int64
@@ -529,6 +531,31 @@ def tau_stats_gram(
     _audit_stats(alive[0], alive[1:], stats)
     del alive
     return stats, gram
+
+
+def sign_agreement(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], k: Sequence[int], threads: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(agree, nonzero) per expert: how many of its top-``k[i]`` entries by |τᵢ| (ops.select's
+    tie rule) agree in sign with Σₗ≠ᵢ τₗ (float64), and how many entries of τᵢ are non-zero; one
+    selection pass (tm_topk_select) and one counting pass over base and experts."""
+    n = len(experts)
+    numel = base.numel()
+    a, alive = make_args(base, experts, numel=numel, threads=threads)
+    topk = [i for i in range(n) if k[i] < numel]
+    for i in topk:
+        a.keep_mode[i] = KEEP_TOPK
+    if topk and numel > 0:
+        thr, greater, tied = topk_select(a, topk, list(k))
+        for i in topk:
+            a.threshold[i] = thr[i]
+            a.need[i] = int(k[i]) - greater[i]
+            a.tied[i] = tied[i]
+    agree = (ctypes.c_int64 * MAX_EXPERTS)()
+    nonzero = (ctypes.c_int64 * MAX_EXPERTS)()
+    _check(library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)), "sign_agreement")
+    del alive
+    return list(agree)[:n], list(nonzero)[:n]
 
 
 def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:

@@ -247,6 +247,27 @@ def task_vector_stats_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
+def sign_agreement_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]) -> torch.Tensor:
+    """ops/stats.sign_agreement_reference on the fused CPU loops (one top-k selection pass and one
+    counting pass); the same counts, so the same values bit for bit. Tensors the C loops do not
+    take, or more experts than one call holds, go to the reference."""
+    from ...ops.select import keep_count
+    from ...ops.stats import sign_agreement_reference
+
+    experts = list(experts)
+    n = len(experts)
+    if n < 2 or n > ck.MAX_EXPERTS or not _fast(base, experts) or any(e.shape != base.shape for e in experts):
+        return sign_agreement_reference(base, experts, densities)
+    numel = base.numel()
+    k = [keep_count(float(d), numel) for d in densities]
+    agree, nonzero = ck.sign_agreement(base, experts, k)
+    out = torch.full((n,), float("nan"), dtype=torch.float64)
+    for i in range(n):
+        if k[i] > 0 and nonzero[i] > 0:
+            out[i] = agree[i] / k[i]
+    return out
+
+
 def all_finite_cpu(t: torch.Tensor) -> bool:
     """ops/stats.all_finite in one fused read (tensors the C loop does not take: the reference)."""
     if t.numel() == 0 or t.device.type != "cpu" or t.dtype not in ck.DTYPE_CODES:

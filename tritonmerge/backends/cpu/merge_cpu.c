@@ -23,7 +23,7 @@
 #include <omp.h>
 #endif
 
-#define TM_ABI_VERSION 3
+#define TM_ABI_VERSION 4
 #define TM_MAX_EXPERTS 16
 #define TM_BLOCK 1024
 #define TM_CHUNK (64 * 1024)
@@ -1347,6 +1347,102 @@ int tm_abs_sums(const tm_args *a, double *before, double *after) {
         if (a->keep_mode[i] == KEEP_TOPK && a->need[i] > 0) after[i] += (double)a->need[i] * (double)a->threshold[i];
     free(sums);
     return failed ? TM_ENOMEM : TM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* TADrop's sign_agreement: per expert, how many entries of its top-k (kept as tm_merge keeps   */
+/* them, ties at the threshold by lowest flat index) agree in sign with the sum of the other    */
+/* experts' τ; τ in float32 as load_tau forms it, the sums in float64 in expert order           */
+
+TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end, const int64_t *budgets_in,
+                                    float *scratch, double *total, int64_t *counts) {
+    const int n = a->n_experts;
+    float *b = scratch, *kept = scratch + TM_BLOCK, *taus = scratch + 2 * TM_BLOCK;
+    int64_t budget[TM_MAX_EXPERTS];
+    for (int i = 0; i < n; i++) {
+        budget[i] = budgets_in[i];
+        counts[2 * i] = counts[2 * i + 1] = 0;
+    }
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        load_block(a->base, a->base_dtype, s, m, b);
+        for (int j = 0; j < m; j++) total[j] = 0.0;
+        for (int i = 0; i < n; i++) {
+            float *t = taus + (size_t)i * TM_BLOCK;
+            load_tau(a->experts[i], a->expert_dtype[i], s, m, b, 1, t);
+            int64_t nonzero = 0;
+            for (int j = 0; j < m; j++) {
+                total[j] += (double)t[j];
+                nonzero += t[j] != 0.0f;
+            }
+            counts[2 * i + 1] += nonzero;
+        }
+        for (int i = 0; i < n; i++) {
+            memcpy(kept, taus + (size_t)i * TM_BLOCK, (size_t)m * sizeof(float));
+            apply_keep(a, i, a->offset + s, m, &budget[i], kept);
+            int64_t agree = 0;
+            for (int j = 0; j < m; j++) {
+                const double mine = (double)kept[j], others = total[j] - mine;
+                agree += (mine > 0.0 && others > 0.0) || (mine < 0.0 && others < 0.0);
+            }
+            counts[2 * i] += agree;
+        }
+    }
+}
+
+/* agree[i]: entries of expert i's kept set (KEEP_TOPK from tm_topk_select, or KEEP_ALL) whose
+   sign agrees with Σₗ≠ᵢ τₗ there; nonzero[i]: entries where τᵢ != 0. Integer counts: the same
+   for any thread count. */
+int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    for (int i = 0; i < n; i++) {
+        if (a->keep_mode[i] != KEEP_TOPK && a->keep_mode[i] != KEEP_ALL) return TM_EINVAL;
+        agree[i] = nonzero[i] = 0;
+    }
+    if (a->numel == 0 || n == 0) return TM_OK;
+    if (!a->subtract_base || !valid_dtype(a->base_dtype)) return TM_EINVAL;
+    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    if (a->seg_ties && a->n_segments != segments) return TM_EINVAL;
+    int64_t *budgets = malloc((size_t)segments * n * sizeof(int64_t));
+    int64_t *counts = calloc((size_t)segments * 2 * n, sizeof(int64_t));
+    if (!budgets || !counts) {
+        free(budgets);
+        free(counts);
+        return TM_ENOMEM;
+    }
+    rc = segment_budgets(a, segments, budgets);
+    int failed = rc != TM_OK;
+    if (!failed) {
+#pragma omp parallel num_threads(thread_count(a, segments))
+        {
+            float *scratch = malloc(scratch_floats() * sizeof(float));
+            double *total = malloc(TM_BLOCK * sizeof(double));
+            if (!scratch || !total) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int32_t s = 0; s < segments; s++) {
+                if (!scratch || !total) continue;
+                int64_t start, end;
+                segment_range(a->numel, segments, s, &start, &end);
+                tm_sign_agreement_range(a, start, end, budgets + (size_t)s * n, scratch, total, counts + (size_t)s * 2 * n);
+            }
+            free(scratch);
+            free(total);
+        }
+    }
+    if (!failed)
+        for (int32_t s = 0; s < segments; s++)
+            for (int i = 0; i < n; i++) {
+                agree[i] += counts[(size_t)s * 2 * n + 2 * i];
+                nonzero[i] += counts[(size_t)s * 2 * n + 2 * i + 1];
+            }
+    free(budgets);
+    free(counts);
+    return failed ? (rc != TM_OK ? rc : TM_ENOMEM) : TM_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */
