@@ -71,7 +71,7 @@ setup(
         "triton": ["triton>=3.0"],
         "mergekit": ["mergekit>=0.1.5,<0.2"],
         "peft": ["peft>=0.21,<0.22"],
-        "fusion-bench": ["fusion-bench>=0.2.33,<0.3"],
+        "fusion-bench": ["fusion-bench>=0.2.33,<0.3", "transformers>=5.23,<5.25"],
     },
     entry_points={"console_scripts": ["tritonmerge = tritonmerge.cli:main"]},
     ext_modules=ext_modules,

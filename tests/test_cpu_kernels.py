@@ -539,6 +539,25 @@ def test_sign_agreement_cpu_equals_reference(dtype, threads, monkeypatch):
     assert backends.dispatch("sign_agreement", base, experts, densities)[0] == "cpu"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sign_counts_cpu_equals_reference(dtype, threads, monkeypatch):
+    """LwPTV's sign_conflict counts: the same float64 sums in the same order, so equal counts, on
+    grid inputs (many exact zeros of the others' sum) and on continuous ones, with a NaN."""
+    from tritonmerge.ops.stats import sign_counts_reference
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(52)
+    for case, (shape, n) in enumerate([((7,), 1), ((127, 129), 3), ((1000, 37), 5), ((600, 700), 2)]):
+        base, experts = grid_tensors(shape, n, dtype, seed=50 + case)
+        if case == 3:  # continuous task vectors of mixed sizes, one NaN
+            experts = [(base.double() + 1e-3 * (i + 1) * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype) for i in range(n)]
+            experts[0].view(-1)[17] = float("nan")
+        got = cpu_merge.sign_counts_cpu(base, experts)
+        assert torch.equal(got, sign_counts_reference(base, experts)), shape
+    assert backends.dispatch("sign_counts", base, experts)[0] == "cpu"
+
+
 def test_task_vector_stats_cpu_edge_cases():
     """Mixed dtypes, tiny and empty tensors, NaN/Inf, more than 16 experts, and inputs the C
     loop does not take (float64: the reference runs)."""

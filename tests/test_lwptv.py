@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import tritonmerge as tm
+from tritonmerge import backends
 from tritonmerge.context import MergeReport, layer_index
 from tritonmerge.errors import ParameterError
 from tritonmerge.methods import lwptv as L
+from tritonmerge.ops.stats import sign_counts_reference
 from tritonmerge.ops.stats import task_vector_stats_reference as task_vector_stats
 
 N_LAYERS = 4
@@ -48,11 +50,14 @@ def build(taus: dict[tuple[int, int], float] | None = None, n_experts: int = 3, 
 
 
 def run(method, base, experts, **kwargs):
-    # these tests were written for the per-block reading at 1 layer of 6; the defaults (halves,
-    # 34%) came later from the quality sweep and are tested on their own below
+    # these tests were written for the per-block, per-task reading by cosine_to_mean at 1 layer of
+    # 6; the defaults (halves, sign_conflict, 34% over the whole model) came later from the quality
+    # sweeps and are tested on their own below
     if method == "lwptv":
         kwargs.setdefault("unit", "block")
         kwargs.setdefault("prune_fraction", 0.17)
+        kwargs.setdefault("score", "cosine_to_mean")
+        kwargs.setdefault("threshold_scope", "task")
     report = MergeReport()
     out = tm.merge_state_dicts(method, base, experts, report=report, **kwargs)
     return out, report.decisions
@@ -386,7 +391,9 @@ def test_sign_counts_by_hand():
     experts = [base + torch.tensor(t, dtype=torch.float64) for t in SIGN_TAUS]
     # others' sums: [-2, 2, -1, 4], [-2, 0, 2, 1], [2, 0, 1, 3]; a zero on either side is neither
     expected = torch.tensor([[3, 0], [2, 1], [1, 1]], dtype=torch.float64)
-    torch.testing.assert_close(L.sign_counts(base, experts), expected, rtol=0, atol=0)
+    torch.testing.assert_close(sign_counts_reference(base, experts), expected, rtol=0, atol=0)
+    f32 = [e.float() for e in experts]  # what LwPTV runs (the fused CPU loop where it is built)
+    torch.testing.assert_close(backends.run_op("sign_counts", base.float(), f32), expected, rtol=0, atol=0)
 
 
 def test_top_overlap_counts_by_hand():
@@ -516,7 +523,7 @@ def test_engine_on_disk_equals_in_memory_for_new_readings(tmp_path, extra):
         ({"top_density": 0.2}, r"'top_density' is only used with score='top_overlap'"),
         ({"score": "l2_ratio", "sign_orientation": "agreement_salient"}, r"'sign_orientation' is only used"),
         ({"score": "top_overlap", "top_density": 0.0}, r"top_density"),
-        ({"sign_orientation": "agreement_salient"}, r"'sign_orientation' is only used with score='sign_conflict'"),
+        ({"score": "cosine_to_mean", "sign_orientation": "agreement_salient"}, r"'sign_orientation' is only used with score='sign_conflict'"),
         ({"unit": "block", "attn_patterns": ["attn"]}, r"'attn_patterns' is only used with unit='half'"),
         ({"half_unmatched": "keep", "unit": "tensor"}, r"'half_unmatched' is only used with unit='half'"),
         ({"unit": "half", "mlp_patterns": []}, r"'mlp_patterns' must be a non-empty list"),
@@ -554,10 +561,10 @@ def test_defaults_are_the_validation_sweeps_choice():
     from tritonmerge.methods.lwptv import LwptvParams
 
     p = LwptvParams(merge_method="task_arithmetic")
-    assert (p.unit, p.score, p.prune_fraction, p.threshold_scope) == ("half", "cosine_to_mean", 0.34, "task")
+    assert (p.unit, p.score, p.prune_fraction, p.threshold_scope) == ("half", "sign_conflict", 0.34, "model")
     base, experts = build()
     report = MergeReport()
     tm.merge_state_dicts("lwptv", base, experts, report=report, merge_method="task_arithmetic")
     summary = report.decisions.summary["lwptv"]
-    assert summary["unit"] == "half"
+    assert summary["unit"] == "half" and summary["threshold_scope"] == "model"
     assert any(units for units in summary["pruned_units"].values())

@@ -101,6 +101,18 @@ def _synthetic_run(name: str, probs: dict[str, float], seeds: int, n: int, seed:
     return {"name": name, "items": {"test": items}}
 
 
+def test_sign_test_is_exact_for_small_counts_and_does_not_overflow_for_large_ones() -> None:
+    from benchmarks.quality.report import sign_test
+
+    # n = 4, k = 0: P(X <= 0) = 1/16, two-sided 1/8
+    assert sign_test(0, 4) == 0.125 and sign_test(4, 0) == 0.125
+    assert sign_test(0, 0) == 1.0 and sign_test(700, 700) == 1.0
+    # the hard setting's comparisons reach more than 1023 discordant items, past 2.0**n
+    p = sign_test(600, 900)
+    assert 0.0 < p < 1e-12
+    assert sign_test(5000, 5200) == pytest.approx(0.0488, abs=1e-3)
+
+
 def test_paired_bootstrap_on_synthetic_items() -> None:
     import torch
 

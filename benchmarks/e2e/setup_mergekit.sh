@@ -10,6 +10,8 @@ set -euo pipefail
 VENV="${1:-/work/venv-mergekit}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 MERGEKIT_VERSION="${MERGEKIT_VERSION:-0.1.5}"
+# mergekit does not bound transformers either: pin the version its parity tests last passed with
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.25.0}"
 
 python3 -m venv "$VENV"
 # torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build
@@ -19,5 +21,5 @@ if "$VENV/bin/pip" install --dry-run "mergekit==${MERGEKIT_VERSION}" 2>/dev/null
     echo "mergekit ${MERGEKIT_VERSION} would replace torch ${TORCH_VERSION}; pick another MERGEKIT_VERSION" >&2
     exit 1
 fi
-"$VENV/bin/pip" install "mergekit==${MERGEKIT_VERSION}"
+"$VENV/bin/pip" install "mergekit==${MERGEKIT_VERSION}" "transformers==${TRANSFORMERS_VERSION}"
 "$VENV/bin/python" -c "import torch, importlib.metadata as m; print('mergekit', m.version('mergekit'), 'torch', torch.__version__)"

@@ -173,8 +173,9 @@ def sign_test(k_a: int, k_b: int) -> float:
     if n == 0:
         return 1.0
     k = min(k_a, k_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    # exact integers: 2.0**n overflows a float beyond n = 1023 discordant items
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / (1 << n))
 
 
 def comparisons(result: Mapping[str, Any], specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

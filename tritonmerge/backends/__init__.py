@@ -165,6 +165,10 @@ OPS: dict[str, dict[str, OpImpl]] = {
         "cpu": _cpu_op("sign_agreement_cpu"),
         "torch": _reference(reference_stats.sign_agreement_reference),
     },
+    "sign_counts": {
+        "cpu": _cpu_op("sign_counts_cpu"),
+        "torch": _reference(reference_stats.sign_counts_reference),
+    },
     "kth_largest": {"triton": _triton_op("kth_largest"), "torch": _reference(reference_select.kth_largest)},
     "topk_mask": {"triton": _triton_op("topk_mask"), "torch": _reference(reference_select.topk_mask)},
     "model_thresholds": {

@@ -15,7 +15,7 @@ name patterns; or one tensor), over the tensors that pass ``layer_include``/``la
 
     S_t^u = saliency of τ_t restricted to unit u (``score``; larger = more salient, kept first)
     M_t^u = rule(S)  ∈ {0, 1}  (``rule``: fraction | zscore | relative), over each task's units
-            (``threshold_scope="task"``) or over all (task, unit) pairs together ("model"),
+            (``threshold_scope="task"``) or over all (task, unit) pairs together ("model", the default),
             then each task's best-scoring units are restored until ``min_layers_kept`` are kept
     τ'_t^u = M_t^u · τ_t^u                                 (a whole unit zeroed for that task)
     merged = θ₀ + inner method({τ'_t})
@@ -85,9 +85,10 @@ class LwptvParams(MethodParams):
         None, description="when merge_method is itself a modifier (tadrop), the method that one wraps (its merge_method)"
     )
     score: Score = Field(
-        # with unit=half and prune_fraction=0.34: the best validation OOD average with ID within 1 point
-        # on task arithmetic and ties, hard setting, 3 seeds (benchmarks/results/quality_sweep_hard_ranking.md)
-        "cosine_to_mean",
+        # with unit=half, prune_fraction=0.34 and threshold_scope=model: the best validation OOD average
+        # with ID within 1 point on task arithmetic and ties, hard setting, 3 seeds
+        # (benchmarks/results/quality_sweep_hard_threshold_ranking.md)
+        "sign_conflict",
         description=(
             "saliency per (task, unit), larger = kept: l2_ratio (‖τ‖₂ over the task's mean), rms_ratio (per-element RMS), "
             "l1_ratio (mean |τ|), kurtosis (Pearson, of the layer's entries), l1_l2 (√n·‖τ‖₂/‖τ‖₁), "
@@ -127,7 +128,7 @@ class LwptvParams(MethodParams):
         ),
     )
     threshold_scope: Literal["task", "model"] = Field(
-        "task",
+        "model",  # the validation sweep's choice, see score
         description="task: the rule runs over each task's units; model: over all (task, unit) scores together (min_layers_kept still per task)",
     )
     rule: Rule = Field(
@@ -455,19 +456,6 @@ def _stats_and_gram_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> 
     return ck.tau_stats_gram(base, experts)
 
 
-def sign_counts(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[N, 2] float64 on the CPU: per task, the entries where sign(τ_t) opposes sign(Σ_{k≠t} τ_k),
-    and those where the two agree (a zero on either side is neither). float64 sums over element
-    chunks; the others' sum is Σ_k τ_k − τ_t."""
-    n = len(experts)
-    out = torch.zeros(n, 2, dtype=torch.float64, device=base.device)
-    for x in _chunks(base, experts):
-        product = torch.sign(x) * torch.sign(x.sum(0, keepdim=True) - x)
-        out[:, 0] += (product < 0).sum(1)
-        out[:, 1] += (product > 0).sum(1)
-    return out.cpu()
-
-
 def top_overlap_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], density: float) -> torch.Tensor:
     """[N, 2] float64 on the CPU: per task, how many of its top-k entries by |τ| (k = ⌊density·n⌋,
     at least 1; |τ| in float32 and exactly k entries, ties to the lower flat index, as TIES's
@@ -516,7 +504,7 @@ def collect_unit_stats(
             tensor_gram = gram_matrix(base, experts) if need_gram else None
         tensor_pairs = None
         if p.score == "sign_conflict":
-            tensor_pairs = sign_counts(base, experts)
+            tensor_pairs = backends.run_op("sign_counts", base, experts)
         elif p.score == "top_overlap":
             tensor_pairs = top_overlap_counts(base, experts, p.top_density)
         per_tensor[name] = (tensor_stats, tensor_gram, tensor_pairs)

@@ -59,9 +59,10 @@ class WudiParams(MethodParams):
     solver: Literal["auto", "adam", "exact", "autograd"] = Field(
         "auto",
         description=(
-            "auto (default, chosen on the quality benchmark's validation splits): per layer, exact where its "
-            "non-zero tasks stack T·m ≥ 2n rows against G's n columns and G is invertible, else adam; adam: the official "
-            "early-stopped Adam run (reformulated, batched); exact: closed-form ridge minimiser; autograd: the official loop as written (autograd and torch.optim.Adam, one layer at "
+            "auto (default, chosen on the quality benchmark's validation splits): per layer, exact where "
+            "its non-zero tasks stack T·m ≥ 2n rows against G's n columns and G is invertible, else adam; "
+            "adam: the official early-stopped Adam run (reformulated, batched); exact: closed-form ridge "
+            "minimiser; autograd: the official loop as written (autograd and torch.optim.Adam, one layer at "
             "a time), the official code's and FusionBench's bits at several times adam's cost"
         ),
     )

@@ -79,3 +79,29 @@ def sign_agreement_reference(
         agree = (torch.sign(mine) * torch.sign(others)) > 0
         out[i] = float(agree.to(torch.float64).sum()) / int(top.sum())
     return out
+
+
+# element chunk of the references that work in float64: a few N × 8 MiB of scratch at a time
+CHUNK = 1 << 20
+
+
+def sign_counts_reference(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N, 2] float64 on the CPU: per expert t, the entries where sign(τ_t) opposes
+    sign(Σ_{k≠t} τ_k), and those where the two agree (a zero on either side is neither). τ in
+    float64, Σ_k τ_k summed in expert order, the others' sum = Σ_k τ_k − τ_t; element chunks of
+    ``CHUNK``, so the scratch stays small whatever the tensor's size."""
+    n = len(experts)
+    out = torch.zeros(n, 2, dtype=torch.float64, device=base.device)
+    b = base.detach().reshape(-1)
+    flat = [e.detach().reshape(-1) for e in experts]
+    for start in range(0, b.numel(), CHUNK):
+        stop = min(start + CHUNK, b.numel())
+        bb = b[start:stop].to(torch.float64)
+        x = torch.stack([f[start:stop].to(torch.float64) - bb for f in flat])
+        total = torch.zeros_like(bb)
+        for row in x:
+            total += row
+        product = torch.sign(x) * torch.sign(total.unsqueeze(0) - x)
+        out[:, 0] += (product < 0).sum(1)
+        out[:, 1] += (product > 0).sum(1)
+    return out.cpu()

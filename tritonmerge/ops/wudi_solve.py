@@ -512,9 +512,10 @@ def wudi_solve_batched(
             any device). Zero task vectors are dropped from their layer's loss.
         steps, lr: Adam iterations and learning rate (official: 300, 1e-5).
         solver: ``adam`` (the official iterates), ``exact`` (B(G + εI)⁻¹, ε = ridge·T/n),
-            ``auto`` (per layer: ``exact`` where its non-zero tasks give T·m ≥ 2n, else ``adam``;
-            ``auto_solver``) or ``autograd`` (the official loop as written, ``official_wudi_autograd``, one layer at
-            a time: the official code's and FusionBench's bits, at several times the cost).
+            ``auto`` (per layer: ``exact`` where its non-zero tasks give T·m ≥ 2n and G is
+            numerically invertible, else ``adam``; ``auto_solver``) or ``autograd`` (the official
+            loop as written, ``official_wudi_autograd``, one layer at a time: the official code's
+            and FusionBench's bits, at several times the cost).
         adam_step: the fused Adam update to use (backends/cuda.py's, on CUDA tensors); None:
             torch's ops. The dispatcher (``backends.run_op("wudi_solve", ...)``) chooses it.
         tf32: allow TF32 tensor-core matmuls on CUDA (faster, ~1e-3 relative GEMM error).

@@ -204,6 +204,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_tau_stats_gram.restype = ctypes.c_int
     lib.tm_sign_agreement.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_sign_agreement.restype = ctypes.c_int
+    lib.tm_sign_counts.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tm_sign_counts.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
     lib.tm_count_nonfinite.restype = ctypes.c_int64
     lib.tm_xxh64_state_size.restype = ctypes.c_int64
@@ -556,6 +558,18 @@ def sign_agreement(
     _check(library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)), "sign_agreement")
     del alive
     return list(agree)[:n], list(nonzero)[:n]
+
+
+def sign_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None) -> tuple[list[int], list[int]]:
+    """(conflict, agree) per expert: entries where sign(τᵢ) opposes / agrees with sign(Σₗ≠ᵢ τₗ),
+    float64, in one read of base and experts."""
+    n = len(experts)
+    a, alive = make_args(base, experts, numel=base.numel(), threads=threads)
+    conflict = (ctypes.c_int64 * MAX_EXPERTS)()
+    agree = (ctypes.c_int64 * MAX_EXPERTS)()
+    _check(library().tm_sign_counts(ctypes.byref(a), ctypes.addressof(conflict), ctypes.addressof(agree)), "sign_counts")
+    del alive
+    return list(conflict)[:n], list(agree)[:n]
 
 
 def count_nonfinite(t: torch.Tensor, threads: int | None = None) -> int:

@@ -268,6 +268,18 @@ def sign_agreement_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], dens
     return out
 
 
+def sign_counts_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """ops/stats.sign_counts_reference on the fused CPU loop, one read: the same float64 sums in
+    the same order, so the same counts. Other inputs go to the reference."""
+    from ...ops.stats import sign_counts_reference
+
+    experts = list(experts)
+    if not experts or not _fast(base, experts) or any(e.shape != base.shape for e in experts):
+        return sign_counts_reference(base, experts)
+    conflict, agree = ck.sign_counts(base, experts)
+    return torch.tensor([conflict, agree], dtype=torch.float64).T.contiguous()
+
+
 def all_finite_cpu(t: torch.Tensor) -> bool:
     """ops/stats.all_finite in one fused read (tensors the C loop does not take: the reference)."""
     if t.numel() == 0 or t.device.type != "cpu" or t.dtype not in ck.DTYPE_CODES:

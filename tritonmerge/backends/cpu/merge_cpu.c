@@ -1445,6 +1445,86 @@ int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
     return failed ? (rc != TM_OK ? rc : TM_ENOMEM) : TM_OK;
 }
 
+/* LwPTV's sign_conflict: per expert, the entries where sign(τᵢ) opposes / agrees with the sign
+   of Σₗ≠ᵢ τₗ; τ in float64 ((double)e − (double)b), the sum in float64 in expert order (the
+   reference's order), a zero or NaN on either side counting as neither                      */
+
+TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, float *scratch, double *taus,
+                                 int64_t *counts) {
+    const int n = a->n_experts;
+    float *b = scratch, *e = scratch + TM_BLOCK;
+    double *total = taus + (size_t)n * TM_BLOCK;
+    for (int i = 0; i < 2 * n; i++) counts[i] = 0;
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        load_block(a->base, a->base_dtype, s, m, b);
+        for (int j = 0; j < m; j++) total[j] = 0.0;
+        for (int i = 0; i < n; i++) {
+            double *t = taus + (size_t)i * TM_BLOCK;
+            load_block(a->experts[i], a->expert_dtype[i], s, m, e);
+            for (int j = 0; j < m; j++) {
+                t[j] = (double)e[j] - (double)b[j];
+                total[j] += t[j];
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            const double *t = taus + (size_t)i * TM_BLOCK;
+            int64_t conflict = 0, agree = 0;
+            for (int j = 0; j < m; j++) {
+                const double mine = t[j], others = total[j] - mine;
+                const double product = (double)((mine > 0.0) - (mine < 0.0)) * (double)((others > 0.0) - (others < 0.0));
+                conflict += product < 0.0;
+                agree += product > 0.0;
+            }
+            counts[2 * i] += conflict;
+            counts[2 * i + 1] += agree;
+        }
+    }
+}
+
+/* conflict[i], agree[i] as above, over the whole tensor; integer counts, any thread count. */
+int tm_sign_counts(const tm_args *a, int64_t *conflict, int64_t *agree) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    for (int i = 0; i < n; i++) {
+        if (a->keep_mode[i] == KEEP_NONE) return TM_EINVAL;
+        conflict[i] = agree[i] = 0;
+    }
+    if (a->numel == 0 || n == 0) return TM_OK;
+    if (!a->subtract_base || !valid_dtype(a->base_dtype)) return TM_EINVAL;
+    const int32_t segments = tm_segment_count(a->numel, a->n_threads);
+    int64_t *counts = calloc((size_t)segments * 2 * n, sizeof(int64_t));
+    if (!counts) return TM_ENOMEM;
+    int failed = 0;
+#pragma omp parallel num_threads(thread_count(a, segments))
+    {
+        float *scratch = malloc(scratch_floats() * sizeof(float));
+        double *taus = malloc((size_t)(n + 1) * TM_BLOCK * sizeof(double));
+        if (!scratch || !taus) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t s = 0; s < segments; s++) {
+            if (!scratch || !taus) continue;
+            int64_t start, end;
+            segment_range(a->numel, segments, s, &start, &end);
+            tm_sign_counts_range(a, start, end, scratch, taus, counts + (size_t)s * 2 * n);
+        }
+        free(scratch);
+        free(taus);
+    }
+    if (!failed)
+        for (int32_t s = 0; s < segments; s++)
+            for (int i = 0; i < n; i++) {
+                conflict[i] += counts[(size_t)s * 2 * n + 2 * i];
+                agree[i] += counts[(size_t)s * 2 * n + 2 * i + 1];
+            }
+    free(counts);
+    return failed ? TM_ENOMEM : TM_OK;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Input validation: NaN/Inf count in one read (torch.isfinite(t).all() costs ~6 passes)       */
 
