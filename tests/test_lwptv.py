@@ -110,7 +110,9 @@ def test_cosine_score_matches_direct_computation():
 
 
 def test_gram_matrix_accumulates_over_chunks(monkeypatch):
-    monkeypatch.setattr(L, "_GRAM_CHUNK", 7)
+    from tritonmerge.ops import stats
+
+    monkeypatch.setattr(stats, "CHUNK", 7)
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(5, 9, generator=gen)
     experts = [base + torch.randn(5, 9, generator=gen) for _ in range(3)]

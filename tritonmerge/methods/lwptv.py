@@ -46,7 +46,7 @@ from ..context import ModelDecisions, TensorContext, layer_split
 from ..errors import ParameterError, UnknownMethodError
 from .. import backends
 from ..ops.select import keep_count
-from ..ops.stats import STAT_COLUMNS
+from ..ops.stats import STAT_COLUMNS, task_vector_chunks
 from ..params import MethodParams, validate_params
 from ..registry import Composite, MergeMethod, get_method, register
 from ..source import TensorSource, gathered, local_names
@@ -76,7 +76,6 @@ DEFAULT_MLP_PATTERNS = (
 
 _COL = {name: i for i, name in enumerate(STAT_COLUMNS)}
 # elements per chunk when accumulating Gram matrices (bounds the float64 scratch to N × 8 MiB)
-_GRAM_CHUNK = 1 << 20
 
 
 class LwptvParams(MethodParams):
@@ -418,22 +417,12 @@ def layer_mask(
 # analysis (the streaming pass)
 
 
-def _chunks(base: torch.Tensor, experts: Sequence[torch.Tensor]):
-    """The task vectors [N, c] in float64, element chunk after element chunk."""
-    b = base.reshape(-1)
-    flat = [e.reshape(-1) for e in experts]
-    for start in range(0, b.numel(), _GRAM_CHUNK):
-        stop = min(start + _GRAM_CHUNK, b.numel())
-        bb = b[start:stop].to(torch.float64)
-        yield torch.stack([f[start:stop].to(torch.float64) - bb for f in flat])
-
-
 def gram_matrix(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """G[i, k] = τᵢ·τₖ in float64 on the CPU, accumulated over element chunks so the scratch
     stays small whatever the tensor's size."""
     n = len(experts)
     g = torch.zeros(n, n, dtype=torch.float64, device=base.device)
-    for x in _chunks(base, experts):
+    for x in task_vector_chunks(base, experts):
         g += x @ x.T
     return g.cpu()
 

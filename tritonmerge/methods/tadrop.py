@@ -50,7 +50,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from ..context import ModelDecisions, TensorContext
 from ..errors import ParameterError, UnknownMethodError
 from .. import backends
-from ..ops.select import keep_count
 from ..ops.stats import STAT_COLUMNS
 from ..params import MethodParams, per_expert
 from ..registry import Composite, MergeMethod, get_method, method_table, register

@@ -85,6 +85,16 @@ def sign_agreement_reference(
 CHUNK = 1 << 20
 
 
+def task_vector_chunks(base: torch.Tensor, experts: Sequence[torch.Tensor]):
+    """The task vectors [N, c] in float64, element chunk after element chunk (``CHUNK``)."""
+    b = base.detach().reshape(-1)
+    flat = [e.detach().reshape(-1) for e in experts]
+    for start in range(0, b.numel(), CHUNK):
+        stop = min(start + CHUNK, b.numel())
+        bb = b[start:stop].to(torch.float64)
+        yield torch.stack([f[start:stop].to(torch.float64) - bb for f in flat])
+
+
 def sign_counts_reference(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """[N, 2] float64 on the CPU: per expert t, the entries where sign(τ_t) opposes
     sign(Σ_{k≠t} τ_k), and those where the two agree (a zero on either side is neither). τ in
@@ -92,13 +102,8 @@ def sign_counts_reference(base: torch.Tensor, experts: Sequence[torch.Tensor]) -
     ``CHUNK``, so the scratch stays small whatever the tensor's size."""
     n = len(experts)
     out = torch.zeros(n, 2, dtype=torch.float64, device=base.device)
-    b = base.detach().reshape(-1)
-    flat = [e.detach().reshape(-1) for e in experts]
-    for start in range(0, b.numel(), CHUNK):
-        stop = min(start + CHUNK, b.numel())
-        bb = b[start:stop].to(torch.float64)
-        x = torch.stack([f[start:stop].to(torch.float64) - bb for f in flat])
-        total = torch.zeros_like(bb)
+    for x in task_vector_chunks(base, experts):
+        total = torch.zeros_like(x[0])
         for row in x:
             total += row
         product = torch.sign(x) * torch.sign(total.unsqueeze(0) - x)
