@@ -46,3 +46,43 @@ def test_disk_full_mid_write_keeps_finished_shards_for_resume(tmp_path):
     r = run_cli("merge", cfg, out, *SHARD, "--resume")
     assert r.returncode == 0, r.stderr
     assert folder_bytes(out) == folder_bytes(ref) and not leftovers(out)
+
+
+# The writer makes each shard durable in the background while it goes on writing (os.fdatasync
+# every WRITEBACK_BYTES, lowered here so that the tiny shards reach it): the third shard's flush
+# fails the way a failing disk does.
+FLUSH_FAILS_AT_THIRD_SHARD = """
+import errno, os
+import tritonmerge.io.writer as w
+w.WRITEBACK_BYTES = 1
+_open = w.open_shard_file
+_fdatasync = os.fdatasync
+opened, failing = [], set()
+def open_shard_file(path):
+    opened.append(path)
+    f = _open(path)
+    if len(opened) == 3:
+        failing.add(f.fileno())
+    return f
+def fdatasync(fd):
+    if fd in failing:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    _fdatasync(fd)
+w.open_shard_file = open_shard_file
+os.fdatasync = fdatasync
+"""
+
+
+def test_background_flush_error_stops_the_merge_and_resume_redoes_the_shard(tmp_path):
+    base, experts = make_tiny(tmp_path / "models")
+    cfg = write_config(tmp_path / "c.yml", "ties", base, experts, {"density": 0.5})
+    ref = tmp_path / "ref"
+    assert run_cli("merge", cfg, ref, *SHARD).returncode == 0
+    out = tmp_path / "out"
+    r = run_cli_with(FLUSH_FAILS_AT_THIRD_SHARD, "merge", cfg, out, *SHARD, script_dir=tmp_path)
+    assert_refused(r, "Input/output error", "finished shards were kept (2 of", "run again with --resume")
+    assert "model-00003-of-" in r.stderr  # the file that failed is named
+    assert not out.exists() and partial_dir(out).is_dir()
+    r = run_cli("merge", cfg, out, *SHARD, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert folder_bytes(out) == folder_bytes(ref) and not leftovers(out)

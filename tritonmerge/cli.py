@@ -217,8 +217,32 @@ def _launch_ranks(nproc: int, argv: Sequence[str]) -> int:
     return 0
 
 
+# glibc returns every freed block above its mmap threshold (128 KiB at first, rising to 32 MiB)
+# and the top of its heap to the system at once, so each merged tensor's output buffer came from
+# fresh pages that the kernel faulted in and zeroed: half of an elementwise merge's system time.
+# A merge process frees buffers of the sizes it allocates next; keeping them in the heap reuses
+# them. Only the CLI's own process is tuned, never a library caller's; a user's MALLOC_* or
+# GLIBC_TUNABLES setting wins.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_buffers() -> None:
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .engine import MergeOptions, run_merge
+
+    _keep_freed_buffers()
 
     if args.random_seed is not None and args.random_seed < 0:
         raise TritonMergeError(f"--random-seed must be at least 0, got {args.random_seed}")

@@ -239,8 +239,9 @@ def open_shard_file(path: Path):
     return open(path, "wb")
 
 
-# start the write-back of this many bytes as soon as they are written, so that the fsync closing
-# a shard waits for the last of them only, not for the whole shard
+# start the write-back of this many bytes as soon as they are written, and make what is written
+# so far durable in the background, so that the fsync closing a shard waits for the last of them
+# only, not for the whole shard
 WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _libc: list = []
@@ -311,6 +312,11 @@ class ShardedWriter:
         # into the page cache each took about as long, and one thread doing both in turn was the
         # slowest stage
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None
+        # fdatasyncs the open shard while the writer goes on: on a virtual disk the flush that
+        # makes data durable costs ~0.4 ms per MB however early the write-back started, and one
+        # flush at the shard's end was a third of an elementwise merge's time
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._syncing: concurrent.futures.Future | None = None
         self._thread: threading.Thread | None = None
         if asynchronous:
             self._thread = threading.Thread(target=self._run, name="tritonmerge-writer", daemon=True)
@@ -401,8 +407,10 @@ class ShardedWriter:
                     self._file.flush()
                     _start_writeback(self._file, self._flushed, self._offset - self._flushed)
                     self._flushed = self._offset
+                    self._sync_in_background()
             if last and entry is shard.entries[-1]:
                 self._file.flush()
+                self._wait_for_sync()
                 os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
@@ -418,6 +426,27 @@ class ShardedWriter:
         if self._on_written is not None:
             self._on_written(tensor.numel() * tensor.element_size())
 
+    def _sync_in_background(self) -> None:
+        """Start an fdatasync of the open shard unless one is still running (the next one then
+        covers these bytes too). Its error, if any, is raised here or at the shard's end."""
+        if self._syncing is not None:
+            if not self._syncing.done():
+                return
+            self._wait_for_sync()
+        try:
+            fd = self._file.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tritonmerge-sync")
+        self._syncing = self._syncer.submit(os.fdatasync, fd)
+
+    def _wait_for_sync(self) -> None:
+        """Wait for the background fdatasync (the file must stay open while it runs)."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.result()
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
@@ -430,16 +459,20 @@ class ShardedWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        self._stop_hasher()
+        self._stop_helpers()
         self._raise_if_failed()
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise CheckpointError(f"writer closed before tensor {missing!r} was written")
 
-    def _stop_hasher(self) -> None:
+    def _stop_helpers(self) -> None:
         if self._hasher is not None:
             self._hasher.shutdown(wait=True)
             self._hasher = None
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        self._syncing = None
 
     def abort(self) -> None:
         """Stop the thread, leave finished shards (and the manifest) for --resume."""
@@ -450,7 +483,7 @@ class ShardedWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        self._stop_hasher()
+        self._stop_helpers()
         if self._file is not None:
             try:
                 self._file.close()
