@@ -437,11 +437,26 @@ SELECT_FLAGS = {
 }
 
 
+@pytest.fixture(params=["native", "baseline"])
+def isa(request, monkeypatch, tmp_path_factory):
+    """The library as this machine loads it (the AVX-512 bracket scan where the CPU has it),
+    and the baseline-ISA build (the portable scan through byte flags)."""
+    if request.param == "baseline":
+        ck.reset()
+        monkeypatch.setenv("TRITONMERGE_CPU_ISA", "baseline")
+        monkeypatch.setenv("TRITONMERGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "baseline-kernels"))
+        assert ck.status() is None and "baseline ISA" in ck.build_info()
+    yield request.param
+    if request.param == "baseline":
+        ck.reset()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("flags", list(SELECT_FLAGS), ids=list(SELECT_FLAGS))
-def test_bracket_select_equals_histograms(flags, threads):
+def test_bracket_select_equals_histograms(flags, threads, isa):
     """Every way the bracket select can go (one pass, misses, overflows and narrowing passes,
-    one-value bins) gives the histograms' threshold, counts and per-segment ties exactly."""
+    one-value bins) gives the histograms' threshold, counts and per-segment ties exactly, with
+    either scan of the bracket."""
     ks = lambda numel: [1, keep_count(0.2, numel), keep_count(0.63, numel), numel]  # noqa: E731
     for name, base, experts in _select_datasets():
         numel = base.numel()

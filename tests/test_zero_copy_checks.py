@@ -111,6 +111,11 @@ CASES = {
     "ties": ("ties", {"density": 0.3}, "expert"),
     # linear's kernel never reads the base: checked exactly
     "linear-base": ("linear", {}, "base"),
+    # no keep rule or election can drop an entry: the merge's count of its own NaN/Inf output
+    # is the check of what it read (merge_cpu.c output_reveals_inputs)
+    "task_arithmetic-expert": ("task_arithmetic", {}, "expert"),
+    "task_arithmetic-base": ("task_arithmetic", {"lambda": 0.0}, "base"),
+    "linear-expert": ("linear", {"weight": 0.0, "normalize": False}, "expert"),
     # the analysis's fused statistics are the check (TADrop: stats; LwPTV: stats + Gram)
     "tadrop": ("tadrop", {"merge_method": "ties", "density": 0.3}, "expert"),
     "lwptv": ("lwptv", {"merge_method": "ties", "density": 0.3}, "expert"),
