@@ -106,6 +106,31 @@ def test_merge_counts_nonfinite_inputs_it_reads():
     assert audit.nonfinite == 0 and not audit.covers(experts[1]) and audit.covers(base)
 
 
+@needs_kernels
+def test_sign_agreement_counts_nonfinite_inputs_it_reads():
+    """TADrop's default statistic reads base and experts whole: its pass is their NaN/Inf check."""
+    base = torch.randn(70_000).to(torch.bfloat16)
+    experts = [(base.float() + 0.01 * torch.randn(70_000)).to(torch.bfloat16) for _ in range(3)]
+    k = [7_000] * 3
+
+    def run():
+        audit = ck.start_audit()
+        try:
+            counts = ck.sign_agreement(base, experts, k)
+        finally:
+            ck.stop_audit(audit)
+        return audit, counts
+
+    audit, clean = run()
+    assert audit.nonfinite == 0 and all(audit.covers(t) for t in (base, *experts))
+    assert clean == ck.sign_agreement(base, experts, k)  # counts unchanged by the audit
+    for bad, where in ((experts[2], 69_999), (base, 12)):
+        saved = bad[where].clone()
+        bad[where] = float("nan")
+        assert run()[0].nonfinite == 1
+        bad[where] = saved
+
+
 CASES = {
     # the fused merge reads every input (the count comes from its own pass)
     "ties": ("ties", {"density": 0.3}, "expert"),

@@ -540,7 +540,8 @@ def sign_agreement(
 ) -> tuple[list[int], list[int]]:
     """(agree, nonzero) per expert: how many of its top-``k[i]`` entries by |τᵢ| (ops.select's
     tie rule) agree in sign with Σₗ≠ᵢ τₗ (float64), and how many entries of τᵢ are non-zero; one
-    selection pass (tm_topk_select) and one counting pass over base and experts."""
+    selection pass (tm_topk_select) and one counting pass over base and experts. Under an
+    ``InputAudit`` the counting pass is also the NaN/Inf check of base and experts."""
     n = len(experts)
     numel = base.numel()
     a, alive = make_args(base, experts, numel=numel, threads=threads)
@@ -555,7 +556,14 @@ def sign_agreement(
             a.tied[i] = tied[i]
     agree = (ctypes.c_int64 * MAX_EXPERTS)()
     nonzero = (ctypes.c_int64 * MAX_EXPERTS)()
+    audit = getattr(_audits, "current", None)
+    inputs = ctypes.c_int64(0)
+    a.input_nonfinite = ctypes.addressof(inputs) if audit is not None else None
     _check(library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)), "sign_agreement")
+    if audit is not None and numel > 0:
+        for t in (base, *experts):
+            audit._add(t.data_ptr(), numel * t.element_size())
+        audit.nonfinite += int(inputs.value)
     del alive
     return list(agree)[:n], list(nonzero)[:n]
 

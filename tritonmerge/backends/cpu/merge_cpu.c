@@ -1431,6 +1431,8 @@ TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end
         budget[i] = budgets_in[i];
         counts[2 * i] = counts[2 * i + 1] = 0;
     }
+    counts[2 * n] = 0;
+    const int audit = a->input_nonfinite != NULL;
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
         load_block(a->base, a->base_dtype, s, m, b);
@@ -1444,6 +1446,11 @@ TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end
                 nonzero += t[j] != 0.0f;
             }
             counts[2 * i + 1] += nonzero;
+        }
+        if (audit) { /* a NaN/Inf input makes its τ, and so the float64 sum, NaN/Inf */
+            int64_t bad = 0;
+            for (int j = 0; j < m; j++) bad += (total[j] - total[j]) != 0.0;
+            counts[2 * n] += bad;
         }
         for (int i = 0; i < n; i++) {
             memcpy(kept, taus + (size_t)i * TM_BLOCK, (size_t)m * sizeof(float));
@@ -1460,7 +1467,8 @@ TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end
 
 /* agree[i]: entries of expert i's kept set (KEEP_TOPK from tm_topk_select, or KEEP_ALL) whose
    sign agrees with Σₗ≠ᵢ τₗ there; nonzero[i]: entries where τᵢ != 0. Integer counts: the same
-   for any thread count. */
+   for any thread count. With tm_args.input_nonfinite set it also counts the entries where an
+   input (or an overflowed τ) is NaN/Inf. */
 int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
     int rc = check_args(a);
     if (rc) return rc;
@@ -1474,7 +1482,7 @@ int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
     const int32_t segments = tm_segment_count(a->numel, a->n_threads);
     if (a->seg_ties && a->n_segments != segments) return TM_EINVAL;
     int64_t *budgets = malloc((size_t)segments * n * sizeof(int64_t));
-    int64_t *counts = calloc((size_t)segments * 2 * n, sizeof(int64_t));
+    int64_t *counts = calloc((size_t)segments * (2 * n + 1), sizeof(int64_t));
     if (!budgets || !counts) {
         free(budgets);
         free(counts);
@@ -1496,18 +1504,21 @@ int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
                 if (!scratch || !total) continue;
                 int64_t start, end;
                 segment_range(a->numel, segments, s, &start, &end);
-                tm_sign_agreement_range(a, start, end, budgets + (size_t)s * n, scratch, total, counts + (size_t)s * 2 * n);
+                tm_sign_agreement_range(a, start, end, budgets + (size_t)s * n, scratch, total, counts + (size_t)s * (2 * n + 1));
             }
             free(scratch);
             free(total);
         }
     }
     if (!failed)
-        for (int32_t s = 0; s < segments; s++)
+        for (int32_t s = 0; s < segments; s++) {
+            const int64_t *c = counts + (size_t)s * (2 * n + 1);
             for (int i = 0; i < n; i++) {
-                agree[i] += counts[(size_t)s * 2 * n + 2 * i];
-                nonzero[i] += counts[(size_t)s * 2 * n + 2 * i + 1];
+                agree[i] += c[2 * i];
+                nonzero[i] += c[2 * i + 1];
             }
+            if (a->input_nonfinite) *a->input_nonfinite += c[2 * n];
+        }
     free(budgets);
     free(counts);
     return failed ? (rc != TM_OK ? rc : TM_ENOMEM) : TM_OK;
