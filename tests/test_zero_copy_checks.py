@@ -107,23 +107,25 @@ def test_merge_counts_nonfinite_inputs_it_reads():
 
 
 @needs_kernels
-def test_sign_agreement_counts_nonfinite_inputs_it_reads():
-    """TADrop's default statistic reads base and experts whole: its pass is their NaN/Inf check."""
+@pytest.mark.parametrize("op", ["sign_agreement", "sign_counts"])
+def test_cross_task_counts_check_the_inputs_they_read(op):
+    """TADrop's default statistic and LwPTV's default score read base and experts whole: their
+    pass is the NaN/Inf check of them."""
     base = torch.randn(70_000).to(torch.bfloat16)
     experts = [(base.float() + 0.01 * torch.randn(70_000)).to(torch.bfloat16) for _ in range(3)]
-    k = [7_000] * 3
+    count = (lambda: ck.sign_agreement(base, experts, [7_000] * 3)) if op == "sign_agreement" else (lambda: ck.sign_counts(base, experts))
 
     def run():
         audit = ck.start_audit()
         try:
-            counts = ck.sign_agreement(base, experts, k)
+            counts = count()
         finally:
             ck.stop_audit(audit)
         return audit, counts
 
     audit, clean = run()
     assert audit.nonfinite == 0 and all(audit.covers(t) for t in (base, *experts))
-    assert clean == ck.sign_agreement(base, experts, k)  # counts unchanged by the audit
+    assert clean == count()  # counts unchanged by the audit
     for bad, where in ((experts[2], 69_999), (base, 12)):
         saved = bad[where].clone()
         bad[where] = float("nan")

@@ -29,8 +29,9 @@ layer applied to the *merged* vector) is not implemented.
 The analysis is one streaming read of the scored tensors (``backends.run_op("task_vector_stats")``,
 plus, per tensor and from all tasks' vectors of it at once: the Gram matrix of the task vectors for
 the cosine scores, sign-conflict counts for ``sign_conflict``, top-k overlap counts for
-``top_overlap``); the decision is the pure functions ``layer_scores`` and ``layer_mask`` on the
-small per-(task, unit) table.
+``top_overlap``; those two read no statistic but the element count, so they skip the statistics);
+the decision is the pure functions ``layer_scores`` and ``layer_mask`` on the small per-(task,
+unit) table.
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ def aggregate_stats(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+# The cross-task count scores: layer_scores reads only the "count" column of their statistics.
+COUNT_SCORES = ("top_overlap", "sign_conflict")
+
+
 def layer_scores(
     layer_stats: torch.Tensor,
     score: str,
@@ -337,7 +342,7 @@ def layer_scores(
             cos = (pair_cos * off).sum(-1) / (n - 1)
         saliency = torch.where(diag > 0, 1.0 - cos, torch.zeros_like(cos))
         return saliency.transpose(0, 1).contiguous()
-    if score in ("top_overlap", "sign_conflict"):
+    if score in COUNT_SCORES:
         if pairs is None:
             raise ValueError(f"{score} needs the per-unit counts")
         c = pairs.to(torch.float64)  # [N, U, 2]
@@ -474,7 +479,7 @@ def collect_unit_stats(
     n = source.n_experts
     stats = torch.zeros(n, len(units.names), len(STAT_COLUMNS), dtype=torch.float64)
     need_gram = p.score in GRAM_SCORES
-    need_pairs = p.score in ("top_overlap", "sign_conflict")
+    need_pairs = p.score in COUNT_SCORES
     gram = torch.zeros(len(units.names), n, n, dtype=torch.float64) if need_gram else None
     pairs = torch.zeros(n, len(units.names), 2, dtype=torch.float64) if need_pairs else None
     scored = [name for name in source.names if name in position]
@@ -488,6 +493,10 @@ def collect_unit_stats(
         fused = _stats_and_gram_cpu(base, experts) if need_gram else None
         if fused is not None:
             tensor_stats, tensor_gram = fused
+        elif need_pairs:  # layer_scores reads only the element count of these
+            tensor_stats = torch.zeros(n, len(STAT_COLUMNS), dtype=torch.float64)
+            tensor_stats[:, _COL["count"]] = float(base.numel())
+            tensor_gram = None
         else:
             tensor_stats = backends.run_op("task_vector_stats", base, experts).cpu()
             tensor_gram = gram_matrix(base, experts) if need_gram else None

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -535,6 +535,22 @@ def tau_stats_gram(
     return stats, gram
 
 
+def _audited(a: Args, call: Callable[[], int], what: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Run a fused pass that reads ``tensors`` whole; under an ``InputAudit`` it also counts
+    their NaN/Inf entries (tm_args.input_nonfinite), and the audit records them as read."""
+    audit = getattr(_audits, "current", None)
+    inputs = ctypes.c_int64(0)
+    a.input_nonfinite = ctypes.addressof(inputs) if audit is not None else None
+    try:
+        _check(call(), what)
+    finally:
+        a.input_nonfinite = None
+    if audit is not None and a.numel > 0:
+        for t in tensors:
+            audit._add(t.data_ptr(), t.numel() * t.element_size())
+        audit.nonfinite += int(inputs.value)
+
+
 def sign_agreement(
     base: torch.Tensor, experts: Sequence[torch.Tensor], k: Sequence[int], threads: int | None = None
 ) -> tuple[list[int], list[int]]:
@@ -556,26 +572,22 @@ def sign_agreement(
             a.tied[i] = tied[i]
     agree = (ctypes.c_int64 * MAX_EXPERTS)()
     nonzero = (ctypes.c_int64 * MAX_EXPERTS)()
-    audit = getattr(_audits, "current", None)
-    inputs = ctypes.c_int64(0)
-    a.input_nonfinite = ctypes.addressof(inputs) if audit is not None else None
-    _check(library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)), "sign_agreement")
-    if audit is not None and numel > 0:
-        for t in (base, *experts):
-            audit._add(t.data_ptr(), numel * t.element_size())
-        audit.nonfinite += int(inputs.value)
+    _audited(a, lambda: library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)),
+             "sign_agreement", (base, *experts))
     del alive
     return list(agree)[:n], list(nonzero)[:n]
 
 
 def sign_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None) -> tuple[list[int], list[int]]:
     """(conflict, agree) per expert: entries where sign(τᵢ) opposes / agrees with sign(Σₗ≠ᵢ τₗ),
-    float64, in one read of base and experts."""
+    float64, in one read of base and experts. Under an ``InputAudit`` that read is also their
+    NaN/Inf check."""
     n = len(experts)
     a, alive = make_args(base, experts, numel=base.numel(), threads=threads)
     conflict = (ctypes.c_int64 * MAX_EXPERTS)()
     agree = (ctypes.c_int64 * MAX_EXPERTS)()
-    _check(library().tm_sign_counts(ctypes.byref(a), ctypes.addressof(conflict), ctypes.addressof(agree)), "sign_counts")
+    _audited(a, lambda: library().tm_sign_counts(ctypes.byref(a), ctypes.addressof(conflict), ctypes.addressof(agree)),
+             "sign_counts", (base, *experts))
     del alive
     return list(conflict)[:n], list(agree)[:n]
 

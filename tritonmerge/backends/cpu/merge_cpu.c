@@ -1533,7 +1533,8 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
     const int n = a->n_experts;
     float *b = scratch, *e = scratch + TM_BLOCK;
     double *total = taus + (size_t)n * TM_BLOCK;
-    for (int i = 0; i < 2 * n; i++) counts[i] = 0;
+    const int audit = a->input_nonfinite != NULL;
+    for (int i = 0; i < 2 * n + 1; i++) counts[i] = 0;
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
         load_block(a->base, a->base_dtype, s, m, b);
@@ -1545,6 +1546,11 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
                 t[j] = (double)e[j] - (double)b[j];
                 total[j] += t[j];
             }
+        }
+        if (audit) { /* float64 cannot overflow here: the sum is NaN/Inf exactly where an input is */
+            int64_t bad = 0;
+            for (int j = 0; j < m; j++) bad += (total[j] - total[j]) != 0.0;
+            counts[2 * n] += bad;
         }
         for (int i = 0; i < n; i++) {
             const double *t = taus + (size_t)i * TM_BLOCK;
@@ -1561,7 +1567,8 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
     }
 }
 
-/* conflict[i], agree[i] as above, over the whole tensor; integer counts, any thread count. */
+/* conflict[i], agree[i] as above, over the whole tensor; integer counts, any thread count.
+   With tm_args.input_nonfinite set it also counts the entries where an input is NaN/Inf. */
 int tm_sign_counts(const tm_args *a, int64_t *conflict, int64_t *agree) {
     int rc = check_args(a);
     if (rc) return rc;
@@ -1573,7 +1580,7 @@ int tm_sign_counts(const tm_args *a, int64_t *conflict, int64_t *agree) {
     if (a->numel == 0 || n == 0) return TM_OK;
     if (!a->subtract_base || !valid_dtype(a->base_dtype)) return TM_EINVAL;
     const int32_t segments = tm_segment_count(a->numel, a->n_threads);
-    int64_t *counts = calloc((size_t)segments * 2 * n, sizeof(int64_t));
+    int64_t *counts = calloc((size_t)segments * (2 * n + 1), sizeof(int64_t));
     if (!counts) return TM_ENOMEM;
     int failed = 0;
 #pragma omp parallel num_threads(thread_count(a, segments))
@@ -1589,17 +1596,20 @@ int tm_sign_counts(const tm_args *a, int64_t *conflict, int64_t *agree) {
             if (!scratch || !taus) continue;
             int64_t start, end;
             segment_range(a->numel, segments, s, &start, &end);
-            tm_sign_counts_range(a, start, end, scratch, taus, counts + (size_t)s * 2 * n);
+            tm_sign_counts_range(a, start, end, scratch, taus, counts + (size_t)s * (2 * n + 1));
         }
         free(scratch);
         free(taus);
     }
     if (!failed)
-        for (int32_t s = 0; s < segments; s++)
+        for (int32_t s = 0; s < segments; s++) {
+            const int64_t *c = counts + (size_t)s * (2 * n + 1);
             for (int i = 0; i < n; i++) {
-                conflict[i] += counts[(size_t)s * 2 * n + 2 * i];
-                agree[i] += counts[(size_t)s * 2 * n + 2 * i + 1];
+                conflict[i] += c[2 * i];
+                agree[i] += c[2 * i + 1];
             }
+            if (a->input_nonfinite) *a->input_nonfinite += c[2 * n];
+        }
     free(counts);
     return failed ? TM_ENOMEM : TM_OK;
 }
