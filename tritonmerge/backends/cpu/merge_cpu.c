@@ -1554,12 +1554,13 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
         }
         for (int i = 0; i < n; i++) {
             const double *t = taus + (size_t)i * TM_BLOCK;
-            int64_t conflict = 0, agree = 0;
+            int64_t conflict = 0, agree = 0; /* 64-bit: the same lane width as the doubles */
             for (int j = 0; j < m; j++) {
                 const double mine = t[j], others = total[j] - mine;
-                const double product = (double)((mine > 0.0) - (mine < 0.0)) * (double)((others > 0.0) - (others < 0.0));
-                conflict += product < 0.0;
-                agree += product > 0.0;
+                /* the sign product's sign without the product: a zero or NaN side is neither */
+                const int64_t up = mine > 0.0, down = mine < 0.0, o_up = others > 0.0, o_down = others < 0.0;
+                conflict += (up & o_down) | (down & o_up);
+                agree += (up & o_up) | (down & o_down);
             }
             counts[2 * i] += conflict;
             counts[2 * i + 1] += agree;
