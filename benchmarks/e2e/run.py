@@ -255,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
 def save_entry(path: Path, entry: dict) -> None:
     """Add ``entry`` to a results file. Results of the same shape and (case, precision, cache)
     are replaced; the shape's other results are kept, so cases can be re-run one at a time (the
-    machine description and settings are those of the latest run)."""
+    machine description and settings are those of the latest run). Results measured on another
+    machine are dropped instead: one table never mixes machines."""
     data = json.loads(path.read_text()) if path.exists() else {"schema": 1, "runs": []}
     key = lambda r: (r["case"], r["precision"], r["cache"])  # noqa: E731
-    previous = [r for r in data["runs"] if r["shape"]["name"] == entry["shape"]["name"]]
+    previous = [
+        r for r in data["runs"]
+        if r["shape"]["name"] == entry["shape"]["name"] and _same_machine(r["machine"], entry["machine"])
+    ]
     if previous:
         fresh = {key(r) for r in entry["results"]}
         kept = [r for r in previous[0]["results"] if key(r) not in fresh]
@@ -268,6 +272,11 @@ def save_entry(path: Path, entry: dict) -> None:
     data["runs"] = [r for r in data["runs"] if r["shape"]["name"] != entry["shape"]["name"]] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    fields = ("cpu_model", "cpu_cores", "gpu")
+    return all(a.get(f) == b.get(f) for f in fields)
 
 
 if __name__ == "__main__":

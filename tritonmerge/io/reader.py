@@ -81,7 +81,7 @@ class TensorReader:
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        itemsize = info.dtype.itemsize
         nbytes = numel * itemsize
         offset = info.start
         if rows is not None and info.shape:
