@@ -6,10 +6,11 @@ shard file starts with its final header and tensors are appended in planned orde
 Nothing is buffered per shard: the writer holds at most ``max_pending_bytes`` of computed tensors
 on its queue, whatever the shard size.
 
-Each finished shard is fsynced and its SHA-256 recorded in a manifest; ``--resume`` keeps shards
-whose checksum still matches and redoes the rest, so an interrupted run finishes with the same
-bytes as an uninterrupted one. Everything goes into a hidden folder beside the output
-(``partial_dir``) that is renamed into place only when complete (``commit``).
+Each finished shard is made durable (fdatasync in the background while it is written, fsync at
+its end) and its checksum recorded in a manifest; ``--resume`` keeps shards whose checksum still
+matches and redoes the rest, so an interrupted run finishes with the same bytes as an
+uninterrupted one. Everything goes into a hidden folder beside the output (``partial_dir``) that
+is renamed into place only when complete (``commit``).
 """
 
 from __future__ import annotations
