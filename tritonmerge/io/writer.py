@@ -440,7 +440,7 @@ class ShardedWriter:
             return
         if self._syncer is None:
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tritonmerge-sync")
-        self._syncing = self._syncer.submit(os.fdatasync, fd)
+        self._syncing = self._syncer.submit(getattr(os, "fdatasync", os.fsync), fd)  # no fdatasync on macOS
 
     def _wait_for_sync(self) -> None:
         """Wait for the background fdatasync (the file must stay open while it runs)."""

@@ -599,7 +599,7 @@ TM_HOT void tm_bracket_range(const tm_args *a, int64_t start, int64_t end, uint3
             const uint32_t h = br[i].hi, l = br[i].lo, width = br[i].hi - br[i].lo;
             const int32_t shift = br[i].shift;
 #ifdef TM_AVX512_SCAN
-            if (have_avx512()) {
+            if (have_avx512()) { /* u's 16 entries past TM_BLOCK are the flag bytes, unused here */
                 uint32_t above = 0;
                 const int found = scan_bracket_avx512(t, m, l, width, h, u, &above);
                 bk->above += above;
