@@ -34,7 +34,6 @@ from benchmarks.sizes import env_int, env_shapes
 
 from tritonmerge import backends
 from tritonmerge.backends import extension_status
-from tritonmerge import backends
 from tritonmerge.ops import wudi_solve as W
 
 pytest.importorskip("pytest_benchmark")

@@ -16,8 +16,8 @@ from tritonmerge.synthetic import make_llama_checkpoints
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    paths = make_llama_checkpoints(root, hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=64,
-                                   num_experts=2, dtype=torch.float32, num_heads=2, num_kv_heads=2)
+    make_llama_checkpoints(root, hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=64,
+                           num_experts=2, dtype=torch.float32, num_heads=2, num_kv_heads=2)
     base = root / "base"
     (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return root

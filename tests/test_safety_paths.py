@@ -49,7 +49,7 @@ def test_index_entries_outside_the_model_folder_are_refused(world, kind):
         "climbs_out": "../../elsewhere/x.safetensors",
         "absolute_valid_shard": str(elsewhere / "x.safetensors"),
         "etc_passwd": "/etc/passwd",
-        "nested_climb": f"sub/../../../elsewhere/x.safetensors",
+        "nested_climb": "sub/../../../elsewhere/x.safetensors",
     }[kind]
     name = _retarget(victim, 0, entry)
     cfg = write_config(tmp / "c.yml", "task_arithmetic", base, experts)
