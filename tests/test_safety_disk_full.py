@@ -34,18 +34,27 @@ w.open_shard_file = open_shard_file
 """
 
 
-def test_disk_full_mid_write_keeps_finished_shards_for_resume(tmp_path):
+def _fails_at_third_shard_then_resumes(tmp_path, fault: str, *said: str) -> str:
+    """Merge under ``fault`` (a script run before the CLI), check the refusal says ``said`` and
+    keeps the two finished shards, then --resume and compare with an uninterrupted run; returns
+    the refusal's stderr."""
     base, experts = make_tiny(tmp_path / "models")
     cfg = write_config(tmp_path / "c.yml", "ties", base, experts, {"density": 0.5})
     ref = tmp_path / "ref"
     assert run_cli("merge", cfg, ref, *SHARD).returncode == 0
     out = tmp_path / "out"
-    r = run_cli_with(DISK_FILLS_AT_THIRD_SHARD, "merge", cfg, out, *SHARD, script_dir=tmp_path)
-    assert_refused(r, "the disk is full", "finished shards were kept (2 of", "run again with --resume")
+    r = run_cli_with(fault, "merge", cfg, out, *SHARD, script_dir=tmp_path)
+    assert_refused(r, *said, "finished shards were kept (2 of", "run again with --resume")
     assert not out.exists() and partial_dir(out).is_dir()
+    refusal = r.stderr
     r = run_cli("merge", cfg, out, *SHARD, "--resume")
     assert r.returncode == 0, r.stderr
     assert folder_bytes(out) == folder_bytes(ref) and not leftovers(out)
+    return refusal
+
+
+def test_disk_full_mid_write_keeps_finished_shards_for_resume(tmp_path):
+    _fails_at_third_shard_then_resumes(tmp_path, DISK_FILLS_AT_THIRD_SHARD, "the disk is full")
 
 
 # The writer makes each shard durable in the background while it goes on writing (os.fdatasync
@@ -74,15 +83,5 @@ os.fdatasync = fdatasync
 
 
 def test_background_flush_error_stops_the_merge_and_resume_redoes_the_shard(tmp_path):
-    base, experts = make_tiny(tmp_path / "models")
-    cfg = write_config(tmp_path / "c.yml", "ties", base, experts, {"density": 0.5})
-    ref = tmp_path / "ref"
-    assert run_cli("merge", cfg, ref, *SHARD).returncode == 0
-    out = tmp_path / "out"
-    r = run_cli_with(FLUSH_FAILS_AT_THIRD_SHARD, "merge", cfg, out, *SHARD, script_dir=tmp_path)
-    assert_refused(r, "Input/output error", "finished shards were kept (2 of", "run again with --resume")
-    assert "model-00003-of-" in r.stderr  # the file that failed is named
-    assert not out.exists() and partial_dir(out).is_dir()
-    r = run_cli("merge", cfg, out, *SHARD, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert folder_bytes(out) == folder_bytes(ref) and not leftovers(out)
+    refusal = _fails_at_third_shard_then_resumes(tmp_path, FLUSH_FAILS_AT_THIRD_SHARD, "Input/output error")
+    assert "model-00003-of-" in refusal  # the file that failed is named

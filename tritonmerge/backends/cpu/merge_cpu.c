@@ -286,6 +286,13 @@ static inline int64_t block_nonfinite(const float *restrict v, int m) {
     return c;
 }
 
+/* NaN/Inf entries of a float64 block (x − x is 0 exactly for finite x). */
+static inline int64_t block_nonfinite_f64(const double *restrict v, int m) {
+    int64_t c = 0;
+    for (int j = 0; j < m; j++) c += (v[j] - v[j]) != 0.0;
+    return c;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* The exact top-k threshold: two histogram passes over |τ|'s float32 bits (radix select)      */
 
@@ -1447,11 +1454,8 @@ TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end
             }
             counts[2 * i + 1] += nonzero;
         }
-        if (audit) { /* a NaN/Inf input makes its τ, and so the float64 sum, NaN/Inf */
-            int64_t bad = 0;
-            for (int j = 0; j < m; j++) bad += (total[j] - total[j]) != 0.0;
-            counts[2 * n] += bad;
-        }
+        /* a NaN/Inf input makes its τ, and so the float64 sum, NaN/Inf */
+        if (audit) counts[2 * n] += block_nonfinite_f64(total, m);
         for (int i = 0; i < n; i++) {
             memcpy(kept, taus + (size_t)i * TM_BLOCK, (size_t)m * sizeof(float));
             apply_keep(a, i, a->offset + s, m, &budget[i], kept);
@@ -1547,11 +1551,8 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
                 total[j] += t[j];
             }
         }
-        if (audit) { /* float64 cannot overflow here: the sum is NaN/Inf exactly where an input is */
-            int64_t bad = 0;
-            for (int j = 0; j < m; j++) bad += (total[j] - total[j]) != 0.0;
-            counts[2 * n] += bad;
-        }
+        /* float64 cannot overflow here: the sum is NaN/Inf exactly where an input is */
+        if (audit) counts[2 * n] += block_nonfinite_f64(total, m);
         for (int i = 0; i < n; i++) {
             const double *t = taus + (size_t)i * TM_BLOCK;
             int64_t conflict = 0, agree = 0; /* 64-bit: the same lane width as the doubles */
