@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import threading
@@ -224,3 +225,90 @@ def test_prefetcher_runs_thread_init_on_its_reading_thread():
     seen.clear()
     assert [item for item, _ in Prefetcher(range(2), load=load, cost=lambda i: 1, budget_bytes=2, enabled=False, thread_init=init)] == [0, 1]
     assert all(kind == "load" for kind, _ in seen)
+
+
+# --- direct writes -------------------------------------------------------------------------------
+
+from tritonmerge.io import writer as writer_module  # noqa: E402
+
+
+def _direct_file(path: Path, monkeypatch, stage: int = 4 * 4096):
+    """A DirectFile with a small staging buffer (so that writes cross it often), or a skip
+    where the file system of ``path`` takes no O_DIRECT."""
+    monkeypatch.setattr(writer_module.DirectFile, "STAGE", stage)
+    f = writer_module.open_shard_file(path)
+    if not isinstance(f, writer_module.DirectFile):
+        f.close()
+        pytest.skip(f"the file system of {path.parent} takes no O_DIRECT")
+    return f
+
+
+WRITE_SIZES = [1, 4095, 4096, 4097, 10_000, 0, 16_384, 50_000, 3, 70_000, 8191]
+
+
+def test_direct_file_holds_every_byte_after_each_flush_and_at_close(tmp_path, monkeypatch):
+    """Writes of every size (across the staging buffer and block edges, from bytes, numpy and
+    torch buffers) with flushes in between: after each flush the file holds exactly what was
+    written so far, and after close the same bytes a plain file gets."""
+    import random
+
+    path = tmp_path / "shard.safetensors"
+    f = _direct_file(path, monkeypatch)
+    gen, expected = random.Random(3), bytearray()
+    for i, n in enumerate(WRITE_SIZES):
+        chunk = gen.randbytes(n)
+        as_tensor = torch.tensor(list(chunk), dtype=torch.uint8)
+        data = [chunk, memoryview(as_tensor.numpy()), memoryview(as_tensor.view(torch.int8).numpy())][i % 3]
+        assert f.write(data) == n
+        expected += chunk
+        if i % 2:
+            f.flush()
+            assert path.read_bytes() == expected, i
+    f.close()
+    f.close()  # a second close is a no-op
+    assert path.read_bytes() == expected
+
+
+def test_direct_file_goes_buffered_where_a_write_is_declined(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but declines the write (EINVAL): the file drops
+    O_DIRECT and the same bytes arrive."""
+    import fcntl
+    import os
+    import random
+
+    path = tmp_path / "shard.safetensors"
+    f = _direct_file(path, monkeypatch)
+    real, declined = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            declined.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    expected = random.Random(4).randbytes(100_000)
+    f.write(expected[:30_000])
+    f.write(expected[30_000:])
+    f.close()
+    assert declined == [0] and path.read_bytes() == expected
+
+
+def test_open_shard_file_is_buffered_without_o_direct_or_when_turned_off(tmp_path, monkeypatch):
+    import os
+
+    real = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with writer_module.open_shard_file(tmp_path / "a") as f:  # a plain file object
+        f.write(b"x")
+    monkeypatch.setattr(os, "open", real)
+    monkeypatch.setenv("TRITONMERGE_DIRECT_WRITES", "0")
+    with writer_module.open_shard_file(tmp_path / "b") as f:
+        f.write(b"y")
+    assert (tmp_path / "a").read_bytes() == b"x" and (tmp_path / "b").read_bytes() == b"y"

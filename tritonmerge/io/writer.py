@@ -6,8 +6,10 @@ shard file starts with its final header and tensors are appended in planned orde
 Nothing is buffered per shard: the writer holds at most ``max_pending_bytes`` of computed tensors
 on its queue, whatever the shard size.
 
-Each finished shard is made durable (fdatasync in the background while it is written, fsync at
-its end) and its checksum recorded in a manifest; ``--resume`` keeps shards whose checksum still
+Shard files are written with O_DIRECT where the file system takes it (``DirectFile``: no copy
+into the page cache, nothing left dirty for the final flush), else buffered. Each finished shard
+is made durable (fdatasync in the background while it is written, fsync at its end) and its
+checksum recorded in a manifest; ``--resume`` keeps shards whose checksum still
 matches and redoes the rest, so an interrupted run finishes with the same bytes as an
 uninterrupted one. Everything goes into a hidden folder beside the output (``partial_dir``) that
 is renamed into place only when complete (``commit``).
@@ -20,6 +22,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -236,8 +239,114 @@ RANK_MANIFEST_GLOB = "tritonmerge_checksums.rank-*.json"
 
 def open_shard_file(path: Path):
     """The file layer of the writer: every byte of a shard goes through the object returned here
-    (the disk-full tests substitute one that fails the way a full disk does)."""
+    (the disk-full tests substitute one that fails the way a full disk does). A ``DirectFile``
+    where the platform and file system take O_DIRECT and ``TRITONMERGE_DIRECT_WRITES`` is not 0,
+    else a buffered file."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if flag and os.environ.get("TRITONMERGE_DIRECT_WRITES", "1") != "0":
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flag, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs, some FUSE)
+                raise
+        else:
+            return DirectFile(fd)
     return open(path, "wb")
+
+
+class DirectFile:
+    """A file written with O_DIRECT through one block-aligned staging buffer: the bytes go from
+    the buffer to the device, not into the page cache. Why: a buffered write copies every output
+    byte into page-cache pages the kernel must first find and zero (on a VM whose freed memory
+    returns to the host within seconds, their first-touch faults made 300 MB cost 0.6-0.8 s
+    against 0.12-0.15 s direct), and the dirty pages then need the write-back that the shard's
+    fsync waits for anyway.
+
+    The interface the writer uses of a file: ``write`` (whole writes), ``flush`` (everything
+    written so far is in the file: the last partial block goes out zero-padded and the file is
+    cut back to its true length; that block stays staged and is rewritten as more comes),
+    ``fileno`` and ``close``."""
+
+    ALIGN = 4096  # a multiple of every common logical block size
+    STAGE = 8 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._stage = mmap.mmap(-1, self.STAGE)  # anonymous mappings are page-aligned
+        self._view = memoryview(self._stage)
+        self._at = 0  # file offset of the staged bytes (a multiple of ALIGN)
+        self._staged = 0
+        self._size = 0  # bytes written
+        self._dirty = False
+
+    def write(self, data: Any) -> int:
+        data = memoryview(data).cast("B")
+        pos, n = 0, len(data)
+        while pos < n:
+            take = min(n - pos, self.STAGE - self._staged)
+            self._view[self._staged : self._staged + take] = data[pos : pos + take]
+            self._staged += take
+            pos += take
+            if self._staged == self.STAGE:
+                self._put(self.STAGE)
+                self._at += self.STAGE
+                self._staged = 0
+        self._size += n
+        self._dirty = self._dirty or n > 0
+        return n
+
+    def _put(self, length: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                wrote = os.pwrite(self._fd, self._view[done:length], self._at + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._buffered():
+                    raise
+                continue  # a file system that opens with O_DIRECT but declines the write: buffered from here
+            if wrote <= 0 or wrote % self.ALIGN:
+                raise OSError(errno.EIO, f"a direct write stopped after {done + max(wrote, 0)} of {length} bytes")
+            done += wrote
+
+    def _buffered(self) -> bool:
+        """Clear O_DIRECT on the open file (the writes that follow go through the page cache);
+        False if it was already clear."""
+        import fcntl  # only where O_DIRECT exists, so never on Windows
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        whole = self._staged - self._staged % self.ALIGN
+        padded = whole + (self.ALIGN if self._staged > whole else 0)
+        self._view[self._staged : padded] = bytes(padded - self._staged)
+        self._put(padded)
+        os.ftruncate(self._fd, self._size)
+        if whole:  # keep only the partial block staged (the two ranges cannot overlap)
+            rest = self._staged - whole
+            self._view[:rest] = self._view[whole : self._staged]
+            self._at += whole
+            self._staged = rest
+        self._dirty = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            self._view.release()
+            self._stage.close()
 
 
 # start the write-back of this many bytes as soon as they are written, and make what is written
