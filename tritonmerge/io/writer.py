@@ -247,7 +247,7 @@ def open_shard_file(path: Path):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flag, 0o666)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs, some FUSE)
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (older tmpfs, some FUSE)
                 raise
         else:
             return DirectFile(fd)
@@ -304,9 +304,9 @@ class DirectFile:
                 if exc.errno != errno.EINVAL or not self._buffered():
                     raise
                 continue  # a file system that opens with O_DIRECT but declines the write: buffered from here
-            if wrote <= 0 or wrote % self.ALIGN:
-                raise OSError(errno.EIO, f"a direct write stopped after {done + max(wrote, 0)} of {length} bytes")
-            done += wrote
+            if wrote <= 0:
+                raise OSError(errno.EIO, f"a write stopped after {done} of {length} bytes")
+            done += wrote  # a short write's misaligned rest: the next write's EINVAL goes buffered
 
     def _buffered(self) -> bool:
         """Clear O_DIRECT on the open file (the writes that follow go through the page cache);
