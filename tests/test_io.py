@@ -306,9 +306,11 @@ def test_open_shard_file_is_buffered_without_o_direct_or_when_turned_off(tmp_pat
 
     monkeypatch.setattr(os, "open", no_direct)
     with writer_module.open_shard_file(tmp_path / "a") as f:  # a plain file object
+        assert not isinstance(f, writer_module.DirectFile)
         f.write(b"x")
     monkeypatch.setattr(os, "open", real)
     monkeypatch.setenv("TRITONMERGE_DIRECT_WRITES", "0")
     with writer_module.open_shard_file(tmp_path / "b") as f:
+        assert not isinstance(f, writer_module.DirectFile)
         f.write(b"y")
     assert (tmp_path / "a").read_bytes() == b"x" and (tmp_path / "b").read_bytes() == b"y"

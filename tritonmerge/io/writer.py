@@ -258,7 +258,7 @@ class DirectFile:
     """A file written with O_DIRECT through one block-aligned staging buffer: the bytes go from
     the buffer to the device, not into the page cache. Why: a buffered write copies every output
     byte into page-cache pages the kernel must first find and zero (on a VM whose freed memory
-    returns to the host within seconds, their first-touch faults made 300 MB cost 0.6-0.8 s
+    returns to the host within seconds, their first-touch faults made 300 MB cost 0.58-0.84 s
     against 0.12-0.15 s direct), and the dirty pages then need the write-back that the shard's
     fsync waits for anyway.
 
