@@ -12,8 +12,10 @@ import torch
 
 import tritonmerge
 from tritonmerge.cli import main
+from tritonmerge.io.writer import DirectFile, open_shard_file
 
-from _checkpoints import load_folder, make_tiny, write_config
+from _checkpoints import folder_bytes, load_folder, make_tiny, write_config
+from _cli import run_cli
 
 
 def _env():
@@ -129,10 +131,6 @@ def test_help_and_version_do_not_import_torch():
 def test_direct_and_buffered_writes_give_the_same_output(tmp_path):
     """Shards written with O_DIRECT (the default where the file system takes it) and through the
     page cache (TRITONMERGE_DIRECT_WRITES=0) are the same bytes, manifest included; real CLI."""
-    from _checkpoints import folder_bytes
-    from _cli import run_cli
-    from tritonmerge.io.writer import DirectFile, open_shard_file
-
     probe = open_shard_file(tmp_path / "probe")
     probe.close()
     if not isinstance(probe, DirectFile):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import random
 import struct
 import threading
 import time
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from tritonmerge.errors import CheckpointError
 from tritonmerge.io.index import open_checkpoint, read_safetensors_header
 from tritonmerge.io.reader import Prefetcher, TensorReader
+from tritonmerge.io import writer as writer_module
 from tritonmerge.io.writer import Manifest, OutputEntry, ShardedWriter, parse_size, plan_shards, write_index
 
 from _checkpoints import load_folder, make_tiny
@@ -229,8 +232,6 @@ def test_prefetcher_runs_thread_init_on_its_reading_thread():
 
 # --- direct writes -------------------------------------------------------------------------------
 
-from tritonmerge.io import writer as writer_module  # noqa: E402
-
 
 def _direct_file(path: Path, monkeypatch, stage: int = 4 * 4096):
     """A DirectFile with a small staging buffer (so that writes cross it often), or a skip
@@ -250,8 +251,6 @@ def test_direct_file_holds_every_byte_after_each_flush_and_at_close(tmp_path, mo
     """Writes of every size (across the staging buffer and block edges, from bytes, numpy and
     torch buffers) with flushes in between: after each flush the file holds exactly what was
     written so far, and after close the same bytes a plain file gets."""
-    import random
-
     path = tmp_path / "shard.safetensors"
     f = _direct_file(path, monkeypatch)
     gen, expected = random.Random(3), bytearray()
@@ -272,9 +271,7 @@ def test_direct_file_holds_every_byte_after_each_flush_and_at_close(tmp_path, mo
 def test_direct_file_goes_buffered_where_a_write_is_declined(tmp_path, monkeypatch):
     """A file system that opens with O_DIRECT but declines the write (EINVAL): the file drops
     O_DIRECT and the same bytes arrive."""
-    import fcntl
-    import os
-    import random
+    import fcntl  # Linux only, like O_DIRECT
 
     path = tmp_path / "shard.safetensors"
     f = _direct_file(path, monkeypatch)
@@ -295,8 +292,6 @@ def test_direct_file_goes_buffered_where_a_write_is_declined(tmp_path, monkeypat
 
 
 def test_open_shard_file_is_buffered_without_o_direct_or_when_turned_off(tmp_path, monkeypatch):
-    import os
-
     real = os.open
 
     def no_direct(path, flags, *args):
