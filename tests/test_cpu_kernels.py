@@ -534,42 +534,81 @@ def test_task_vector_stats_cpu_matches_reference(dtype, threads, monkeypatch):
     assert float(got[3, 2]) == 0.0 and float(got[0, 2]) > 0
 
 
+def _sign_count_cases(dtype, n_max, seed, nan=True):
+    """(name, base, experts): grid inputs (|τ| on 8 values: thresholds split ties, many exact
+    zeros of the others' sum) in shapes that leave partial 16-entry groups and span several
+    segments, a zero task vector, continuous task vectors of mixed sizes with an Inf (and a NaN
+    unless ``nan`` is false), and experts of mixed dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for case, (shape, n) in enumerate([((7,), 2), ((127, 129), 3), ((1000, 37), min(4, n_max)), ((600, 700), 3)]):
+        base, experts = grid_tensors(shape, n, dtype, seed=seed + case)
+        if case == 2:
+            experts[-1] = base.clone()
+        cases.append((f"grid{shape}", base, experts))
+    base = (torch.randn(300, 701, generator=gen) * 0.02).to(dtype)
+    noisy = [(base.double() + 1e-3 * (i + 1) * torch.randn(300, 701, generator=gen, dtype=torch.float64)).to(dtype) for i in range(3)]
+    if nan:
+        noisy[0].view(-1)[17] = float("nan")
+    noisy[1].view(-1)[40_000] = float("inf")
+    cases.append(("continuous+inf", base, noisy))
+    mixed = [noisy[1].float(), noisy[2].bfloat16(), (base.double() - 2e-3).half()]
+    cases.append(("mixed dtypes", base, mixed))
+    return cases
+
+
+def _nonfinite_sums(base, experts):
+    """Entries where the float64 sum of the task vectors is NaN/Inf (what the counting loops'
+    input audit counts)."""
+    total = sum(e.double() - base.double() for e in experts)
+    return int((~torch.isfinite(total)).sum())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_sign_agreement_cpu_equals_reference(dtype, threads, monkeypatch):
+def test_sign_agreement_cpu_equals_reference(dtype, threads, isa, monkeypatch):
     """TADrop's sign_agreement: the same counts as the reference, so the same values bit for bit,
-    with most top-k thresholds splitting a set of ties (grid inputs) and ties spread over the
-    segments of several threads."""
+    with the AVX-512 loop and the portable one: top-k thresholds splitting a set of ties spread
+    over the segments of several threads, tails of partial 16-entry groups, NaN/Inf and mixed
+    dtypes; the input audit counts the non-finite sums. (No NaN: the reference's top-k gives a
+    NaN's place to one more tie, the fused select does not.)"""
     from tritonmerge.ops.stats import sign_agreement_reference
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    for case, (shape, n) in enumerate([((7,), 2), ((127, 129), 3), ((1000, 37), 4), ((600, 700), 3)]):
-        base, experts = grid_tensors(shape, n, dtype, seed=40 + case)
-        experts[-1] = base.clone() if case == 2 else experts[-1]  # a zero task vector
-        densities = [0.1, 0.5, 1.0, 0.03][:n]
-        got = cpu_merge.sign_agreement_cpu(base, experts, densities)
+    for name, base, experts in _sign_count_cases(dtype, 4, seed=40, nan=False):
+        densities = [0.1, 0.5, 1.0, 0.03][: len(experts)]
+        audit = ck.start_audit()
+        try:
+            got = cpu_merge.sign_agreement_cpu(base, experts, densities)
+        finally:
+            ck.stop_audit(audit)
         want = sign_agreement_reference(base, experts, densities)
-        assert torch.equal(got.isnan(), want.isnan()), (shape, got, want)
-        assert torch.equal(got.nan_to_num(-1), want.nan_to_num(-1)), (shape, got, want)
+        assert torch.equal(got.isnan(), want.isnan()), (name, got, want)
+        assert torch.equal(got.nan_to_num(-1), want.nan_to_num(-1)), (name, got, want)
+        assert audit.nonfinite == _nonfinite_sums(base, experts), name
     assert backends.dispatch("sign_agreement", base, experts, densities)[0] == "cpu"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_sign_counts_cpu_equals_reference(dtype, threads, monkeypatch):
-    """LwPTV's sign_conflict counts: the same float64 sums in the same order, so equal counts, on
-    grid inputs (many exact zeros of the others' sum) and on continuous ones, with a NaN."""
+def test_sign_counts_cpu_equals_reference(dtype, threads, isa, monkeypatch):
+    """LwPTV's sign_conflict counts: the same float64 sums in the same order, so equal counts,
+    with the AVX-512 loop and the portable one, on the inputs of the sign_agreement test, one
+    expert and five; the input audit counts the non-finite sums."""
     from tritonmerge.ops.stats import sign_counts_reference
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    gen = torch.Generator().manual_seed(52)
-    for case, (shape, n) in enumerate([((7,), 1), ((127, 129), 3), ((1000, 37), 5), ((600, 700), 2)]):
-        base, experts = grid_tensors(shape, n, dtype, seed=50 + case)
-        if case == 3:  # continuous task vectors of mixed sizes, one NaN
-            experts = [(base.double() + 1e-3 * (i + 1) * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype) for i in range(n)]
-            experts[0].view(-1)[17] = float("nan")
-        got = cpu_merge.sign_counts_cpu(base, experts)
-        assert torch.equal(got, sign_counts_reference(base, experts)), shape
+    cases = _sign_count_cases(dtype, 5, seed=50)
+    base, experts = grid_tensors((1000, 37), 5, dtype, seed=59)
+    cases += [("one expert", base, experts[:1]), ("five experts", base, experts)]
+    for name, base, experts in cases:
+        audit = ck.start_audit()
+        try:
+            got = cpu_merge.sign_counts_cpu(base, experts)
+        finally:
+            ck.stop_audit(audit)
+        assert torch.equal(got, sign_counts_reference(base, experts)), name
+        assert audit.nonfinite == _nonfinite_sums(base, experts), name
     assert backends.dispatch("sign_counts", base, experts)[0] == "cpu"
 
 

@@ -1438,6 +1438,99 @@ int tm_abs_sums(const tm_args *a, double *before, double *after) {
 /* them, ties at the threshold by lowest flat index) agree in sign with the sum of the other    */
 /* experts' τ; τ in float32 as load_tau forms it, the sums in float64 in expert order           */
 
+#ifdef TM_AVX512_SCAN
+/* 16 entries of a float32/bfloat16/float16 array as float32 (lanes outside `live` are 0),
+   exactly as load_block converts them. */
+__attribute__((target("avx512f"))) static inline __m512 load16_avx512(const void *src, int dtype, int64_t at,
+                                                                       __mmask16 live) {
+    if (dtype == TM_F32) return _mm512_maskz_loadu_ps(live, (const float *)src + at);
+    const uint16_t *p = (const uint16_t *)src + at;
+    __m256i raw;
+    if (live == (__mmask16)0xFFFF) {
+        raw = _mm256_loadu_si256((const __m256i *)p);
+    } else { /* a segment's last entries: no read past them */
+        uint16_t tail[16] = {0};
+        for (int j = 0; j < 16; j++)
+            if ((live >> j) & 1u) tail[j] = p[j];
+        raw = _mm256_loadu_si256((const __m256i *)tail);
+    }
+    if (dtype == TM_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    return _mm512_cvtph_ps(raw);
+}
+
+/*
+ * tm_sign_agreement_range with AVX-512, 16 entries at a time straight from the inputs: τ as
+ * load_tau forms it, the float64 sum in expert order, the keep rule as apply_keep applies it
+ * (ties consumed from the segment's budget in flat order) and the sign of others = total − mine
+ * from the same subtraction, so the counts are the portable loop's. That loop spends most of its
+ * time copying τ, zeroing what the rule drops and widening it again; this one keeps masks.
+ */
+__attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const tm_args *a, int64_t start, int64_t end,
+                                                                             int64_t *restrict budget, int64_t *restrict counts) {
+    const int n = a->n_experts, audit = a->input_nonfinite != NULL;
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512d zerod = _mm512_setzero_pd();
+    int64_t agree[TM_MAX_EXPERTS] = {0}, nonzero[TM_MAX_EXPERTS] = {0}, bad = 0;
+    __m512 tau[TM_MAX_EXPERTS];
+    __m512d wide_lo[TM_MAX_EXPERTS], wide_hi[TM_MAX_EXPERTS];
+    __mmask16 every_tie[TM_MAX_EXPERTS]; /* the segment keeps all its ties (budget -1) */
+    for (int i = 0; i < n; i++) every_tie[i] = budget[i] < 0 ? (__mmask16)0xFFFF : (__mmask16)0;
+    for (int64_t j = start; j < end; j += 16) {
+        const __mmask16 live = end - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
+        const __m512 b = load16_avx512(a->base, a->base_dtype, j, live);
+        __m512d total_lo = zerod, total_hi = zerod;
+        for (int i = 0; i < n; i++) {
+            const __m512 t = _mm512_sub_ps(load16_avx512(a->experts[i], a->expert_dtype[i], j, live), b);
+            tau[i] = t;
+            wide_lo[i] = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
+            wide_hi[i] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+            total_lo = _mm512_add_pd(total_lo, wide_lo[i]);
+            total_hi = _mm512_add_pd(total_hi, wide_hi[i]);
+            nonzero[i] += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(live, t, zero, _CMP_NEQ_UQ));
+        }
+        if (audit) {
+            const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_lo), exponent64), exponent64);
+            const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_hi), exponent64), exponent64);
+            bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
+        }
+        for (int i = 0; i < n; i++) {
+            const __m512 t = tau[i];
+            __mmask16 keep = live;
+            if (a->keep_mode[i] == KEEP_TOPK) {
+                const __m512 size = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(t), magnitude));
+                const __m512 thr = _mm512_set1_ps(a->threshold[i]);
+                const __mmask16 tie = _mm512_mask_cmp_ps_mask(live, size, thr, _CMP_EQ_OQ);
+                keep = _mm512_kor(_mm512_mask_cmp_ps_mask(live, size, thr, _CMP_GT_OQ), _mm512_kand(tie, every_tie[i]));
+                if (__builtin_expect(budget[i] > 0, 0)) { /* the partial segment: lowest flat index first */
+                    unsigned left = tie;
+                    for (; left && budget[i] > 0; budget[i]--) {
+                        keep = _mm512_kor(keep, (__mmask16)(left & (0u - left)));
+                        left &= left - 1;
+                    }
+                    if (budget[i] == 0) every_tie[i] = 0;
+                }
+            }
+            /* others = total − mine > 0 exactly when total > mine: a difference of sums of
+               floats is never a float64 subnormal, so no flush can make it 0 */
+            const __mmask16 up = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_GT_OQ);
+            const __mmask16 down = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_LT_OQ);
+            const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
+                                                   _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
+            const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
+                                                     _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
+            agree[i] += __builtin_popcount((unsigned)_mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down)));
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        counts[2 * i] = agree[i];
+        counts[2 * i + 1] = nonzero[i];
+    }
+    counts[2 * n] = bad;
+}
+#endif
+
 TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end, const int64_t *budgets_in,
                                     float *scratch, double *total, int64_t *counts) {
     const int n = a->n_experts;
@@ -1448,6 +1541,12 @@ TM_HOT void tm_sign_agreement_range(const tm_args *a, int64_t start, int64_t end
         counts[2 * i] = counts[2 * i + 1] = 0;
     }
     counts[2 * n] = 0;
+#ifdef TM_AVX512_SCAN
+    if (have_avx512()) {
+        sign_agreement_range_avx512(a, start, end, budget, counts);
+        return;
+    }
+#endif
     const int audit = a->input_nonfinite != NULL;
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
@@ -1541,6 +1640,59 @@ int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
    of Σₗ≠ᵢ τₗ; τ in float64 ((double)e − (double)b), the sum in float64 in expert order (the
    reference's order), a zero or NaN on either side counting as neither                      */
 
+#ifdef TM_AVX512_SCAN
+/*
+ * tm_sign_counts_range with AVX-512, 16 entries at a time: τ = e − b in float64 (exact), the
+ * sum in expert order, and the signs compared without forming others = total − mine: a
+ * difference of these sums is a multiple of 2^-149, never a float64 subnormal, so it is > 0
+ * exactly when total > mine (and the sign of τ is that of its float32 rounding).
+ */
+__attribute__((target("avx512f"))) static void sign_counts_range_avx512(const tm_args *a, int64_t start, int64_t end,
+                                                                          int64_t *restrict counts) {
+    const int n = a->n_experts, audit = a->input_nonfinite != NULL;
+    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
+    const __m512d zerod = _mm512_setzero_pd();
+    int64_t conflict[TM_MAX_EXPERTS] = {0}, agree[TM_MAX_EXPERTS] = {0}, bad = 0;
+    __m512d wide_lo[TM_MAX_EXPERTS], wide_hi[TM_MAX_EXPERTS];
+    for (int64_t j = start; j < end; j += 16) {
+        const __mmask16 live = end - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
+        const __m512 b = load16_avx512(a->base, a->base_dtype, j, live);
+        const __m512d b_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(b));
+        const __m512d b_hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+        __m512d total_lo = zerod, total_hi = zerod;
+        for (int i = 0; i < n; i++) {
+            const __m512 e = load16_avx512(a->experts[i], a->expert_dtype[i], j, live);
+            wide_lo[i] = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)), b_lo);
+            wide_hi[i] = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))), b_hi);
+            total_lo = _mm512_add_pd(total_lo, wide_lo[i]);
+            total_hi = _mm512_add_pd(total_hi, wide_hi[i]);
+        }
+        if (audit) {
+            const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_lo), exponent64), exponent64);
+            const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_hi), exponent64), exponent64);
+            bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
+        }
+        for (int i = 0; i < n; i++) {
+            const __mmask16 up = _mm512_kunpackb(_mm512_cmp_pd_mask(wide_hi[i], zerod, _CMP_GT_OQ),
+                                                 _mm512_cmp_pd_mask(wide_lo[i], zerod, _CMP_GT_OQ));
+            const __mmask16 down = _mm512_kunpackb(_mm512_cmp_pd_mask(wide_hi[i], zerod, _CMP_LT_OQ),
+                                                   _mm512_cmp_pd_mask(wide_lo[i], zerod, _CMP_LT_OQ));
+            const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
+                                                   _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
+            const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
+                                                     _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
+            conflict[i] += __builtin_popcount((unsigned)_mm512_kand(live, _mm512_kor(_mm512_kand(up, o_down), _mm512_kand(down, o_up))));
+            agree[i] += __builtin_popcount((unsigned)_mm512_kand(live, _mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down))));
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        counts[2 * i] = conflict[i];
+        counts[2 * i + 1] = agree[i];
+    }
+    counts[2 * n] = bad;
+}
+#endif
+
 TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, float *scratch, double *taus,
                                  int64_t *counts) {
     const int n = a->n_experts;
@@ -1548,6 +1700,12 @@ TM_HOT void tm_sign_counts_range(const tm_args *a, int64_t start, int64_t end, f
     double *total = taus + (size_t)n * TM_BLOCK;
     const int audit = a->input_nonfinite != NULL;
     for (int i = 0; i < 2 * n + 1; i++) counts[i] = 0;
+#ifdef TM_AVX512_SCAN
+    if (have_avx512()) {
+        sign_counts_range_avx512(a, start, end, counts);
+        return;
+    }
+#endif
     for (int64_t s = start; s < end; s += TM_BLOCK) {
         const int m = block_len(s, end);
         load_block(a->base, a->base_dtype, s, m, b);
