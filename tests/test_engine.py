@@ -25,6 +25,7 @@ from tritonmerge.errors import CheckpointError, ConfigError, NonFiniteResultErro
 from tritonmerge.io.writer import partial_dir
 
 from _checkpoints import folder_bytes, load_folder, make_tiny, read_index, write_config
+from _cli import run_cli_with
 
 QUIET = dict(quiet=True)
 
@@ -170,6 +171,43 @@ def test_modifiers_through_the_engine(tmp_path, tiny, modifier, inner):
     res = run_merge(cfg, out, MergeOptions(**QUIET))
     assert res.plan.needs_analysis and (out / "tritonmerge_decisions.json").exists()
     _assert_same(out, _expected(modifier, base, experts, **load_config(cfg).resolve("", 0.0)))
+
+
+@pytest.mark.parametrize("modifier", ["tadrop", "lwptv"])
+def test_analysis_reads_ahead_in_the_order_it_loads(tmp_path, tiny, modifier):
+    """The analysis pass loads a subset of the tensors (TADrop skips 1-D ones and, here, the
+    1024-entry attention matrices between the others); through the real CLI, every tensor it
+    loads is read once, all but the first on the read-ahead thread, and no skipped tensor is
+    read."""
+    base, experts = tiny
+    params = {"merge_method": "ties", "density": 0.5, **({"min_numel": 1100} if modifier == "tadrop" else {})}
+    cfg = write_config(tmp_path / "c.yml", modifier, base, experts, params)
+    log = tmp_path / "reads.json"
+    prelude = f"""
+        import json, threading, atexit
+        import tritonmerge.engine as eng
+        reads, loads = [], []
+        _read_unit, _load = eng._read_unit, eng.StreamingSource.load
+        def read_unit(plan, reader, unit, check):
+            if unit.in_bytes == 0:  # the analysis pass's whole-tensor reads
+                reads.append((unit.name, threading.current_thread().name))
+            return _read_unit(plan, reader, unit, check)
+        def load(self, name):
+            loads.append(name)
+            return _load(self, name)
+        eng._read_unit, eng.StreamingSource.load = read_unit, load
+        atexit.register(lambda: open({str(log)!r}, "w").write(json.dumps({{"reads": reads, "loads": loads}})))
+    """
+    proc = run_cli_with(prelude, "merge", cfg, tmp_path / "out", "--quiet", script_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(log.read_text())
+    names = [name for name, _ in got["reads"]]
+    assert names == got["loads"] and len(set(names)) == len(names)
+    if modifier == "tadrop":
+        tensors = load_folder(base)
+        adapted = [n for n in tensors if tensors[n].dim() >= 2 and tensors[n].numel() >= 1100]
+        assert sorted(names) == sorted(adapted) and len(adapted) < len(tensors)
+    assert [thread for _, thread in got["reads"][1:]] == ["tritonmerge-analysis_0"] * (len(names) - 1)
 
 
 def test_output_folder_contents(tmp_path, tiny):

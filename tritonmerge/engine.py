@@ -745,7 +745,12 @@ class StreamingSource:
         return self._device
 
     def local_names(self, names: Sequence[str]) -> list[str]:
-        return list(names) if self._local is None else [n for n in names if n in self._local]
+        """The names of ``names`` this process loads; the analysis then loads them in this order,
+        so the reads ahead follow it (plan order would read the tensors it skips, and read what it
+        asks for on its own thread)."""
+        mine = list(names) if self._local is None else [n for n in names if n in self._local]
+        self._next = dict(zip(mine, mine[1:]))
+        return mine
 
     def gather(self, per_name: Mapping[str, Any]) -> dict[str, Any]:
         if not self._ranks.distributed:

@@ -38,7 +38,8 @@ class TensorSource(Protocol):
 
 
 def local_names(source: TensorSource, names: Sequence[str]) -> list[str]:
-    """The subset of ``names`` this process loads, in the given order."""
+    """The subset of ``names`` this process loads, in the given order (the order in which the
+    caller then loads them: a streaming source reads ahead in it)."""
     share = getattr(source, "local_names", None)
     return list(names) if share is None else share(names)
 
