@@ -476,6 +476,31 @@ def test_bracket_select_equals_histograms(flags, threads, isa):
             del alive, alive_h
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sign_agreement_in_one_read_equals_two_reads(threads, isa):
+    """TADrop's agreement count in the select's read (the flags of the bracket's candidates)
+    gives the counts of the two reads for every way the bracket can go: one read where it
+    resolves at once, the two reads after a miss (a one-value bracket) or an overflow (64-entry
+    buffers), and with the portable build (no AVX-512); top-1, ties split by the threshold, an
+    expert keeping everything, and k = 0."""
+    reads = {}
+    for name, base, experts in _select_datasets():
+        numel = base.numel()
+        for k in ([1, keep_count(0.2, numel)], [keep_count(0.63, numel), numel], [0, keep_count(0.05, numel)]):
+            want = ck.sign_agreement(base, experts, k, threads=threads, flags=ck.SELECT_NO_SAMPLE)
+            assert ck.sign_agreement.reads == 2
+            for flags in SELECT_FLAGS:
+                got = ck.sign_agreement(base, experts, k, threads=threads, flags=SELECT_FLAGS[flags])
+                assert got == want, (name, k, flags)
+                reads.setdefault(flags, set()).add(ck.sign_agreement.reads)
+                if flags == "auto" and name in ("continuous", "bf16"):
+                    assert ck.sign_agreement.reads == (1 if isa == "native" else 2), (name, k)
+    if isa == "native":  # both ways taken: one read, and the two after a miss or an overflow
+        assert reads["auto"] >= {1} and 2 in reads["narrow"] | reads["tiny"] | reads["narrow+tiny"], reads
+    else:
+        assert set().union(*reads.values()) == {2}, reads
+
+
 def test_bracket_select_paths():
     """The common case takes one pass; forced misses and overflows take more, never the
     histogram fallback."""

@@ -204,6 +204,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_tau_stats_gram.restype = ctypes.c_int
     lib.tm_sign_agreement.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_sign_agreement.restype = ctypes.c_int
+    lib.tm_sign_agreement_topk.argtypes = [p_args, ctypes.c_void_p, ctypes.c_uint32] + [ctypes.c_void_p] * 3
+    lib.tm_sign_agreement_topk.restype = ctypes.c_int
     lib.tm_sign_counts.argtypes = [p_args, ctypes.c_void_p, ctypes.c_void_p]
     lib.tm_sign_counts.restype = ctypes.c_int
     lib.tm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
@@ -552,30 +554,36 @@ def _audited(a: Args, call: Callable[[], int], what: str, tensors: Sequence[torc
 
 
 def sign_agreement(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], k: Sequence[int], threads: int | None = None
+    base: torch.Tensor, experts: Sequence[torch.Tensor], k: Sequence[int], threads: int | None = None, *, flags: int = 0
 ) -> tuple[list[int], list[int]]:
     """(agree, nonzero) per expert: how many of its top-``k[i]`` entries by |τᵢ| (ops.select's
-    tie rule) agree in sign with Σₗ≠ᵢ τₗ (float64), and how many entries of τᵢ are non-zero; one
-    selection pass (tm_topk_select) and one counting pass over base and experts. Under an
-    ``InputAudit`` the counting pass is also the NaN/Inf check of base and experts."""
+    tie rule) agree in sign with Σₗ≠ᵢ τₗ (float64), and how many entries of τᵢ are non-zero.
+    One read of base and experts where the sample bracket resolves every top-k on its pass
+    (AVX-512), else a selection read and a counting read; ``sign_agreement.reads`` records which
+    (1 or 2) for tests, ``flags`` (SELECT_*) force the second way. Under an ``InputAudit`` the
+    read is also the NaN/Inf check of base and experts."""
     n = len(experts)
     numel = base.numel()
     a, alive = make_args(base, experts, numel=numel, threads=threads)
-    topk = [i for i in range(n) if k[i] < numel]
-    for i in topk:
-        a.keep_mode[i] = KEEP_TOPK
-    if topk and numel > 0:
-        thr, greater, tied = topk_select(a, topk, list(k))
-        for i in topk:
-            a.threshold[i] = thr[i]
-            a.need[i] = int(k[i]) - greater[i]
-            a.tied[i] = tied[i]
+    kk = (ctypes.c_int64 * MAX_EXPERTS)()
+    for i in range(n):
+        if 0 < k[i] < numel:  # k = 0 keeps nothing: counted as KEEP_ALL for nonzero, agree reported 0
+            a.keep_mode[i] = KEEP_TOPK
+            kk[i] = int(k[i])
     agree = (ctypes.c_int64 * MAX_EXPERTS)()
     nonzero = (ctypes.c_int64 * MAX_EXPERTS)()
-    _audited(a, lambda: library().tm_sign_agreement(ctypes.byref(a), ctypes.addressof(agree), ctypes.addressof(nonzero)),
-             "sign_agreement", (base, *experts))
+    reads = ctypes.c_int32(0)
+    _audited(
+        a,
+        lambda: library().tm_sign_agreement_topk(
+            ctypes.byref(a), ctypes.addressof(kk), flags, ctypes.addressof(agree), ctypes.addressof(nonzero),
+            ctypes.addressof(reads),
+        ),
+        "sign_agreement", (base, *experts),
+    )
+    sign_agreement.reads = int(reads.value)  # type: ignore[attr-defined]
     del alive
-    return list(agree)[:n], list(nonzero)[:n]
+    return [0 if k[i] <= 0 else int(agree[i]) for i in range(n)], list(nonzero)[:n]
 
 
 def sign_counts(base: torch.Tensor, experts: Sequence[torch.Tensor], threads: int | None = None) -> tuple[list[int], list[int]]:

@@ -713,7 +713,7 @@ static int resolve_bracket(int n, int i, int32_t segments, const tm_bracket *br,
         seg_start[s] = at;
         const uint32_t lo = br->lo + ((uint32_t)bin << br->shift), width = (uint32_t)((1ull << br->shift) - 1);
         for (int64_t j = 0; j < bk->count; j++) { /* branch-free compaction (a spare slot at the end) */
-            const uint32_t v = bk->buf[j];
+            const uint32_t v = bk->buf[j] & 0x7FFFFFFFu; /* bit 31: tm_sign_agreement_topk's flag */
             all[at] = v;
             at += (v - lo) <= width;
         }
@@ -1634,6 +1634,279 @@ int tm_sign_agreement(const tm_args *a, int64_t *agree, int64_t *nonzero) {
     free(budgets);
     free(counts);
     return failed ? (rc != TM_OK ? rc : TM_ENOMEM) : TM_OK;
+}
+
+/*
+ * The same counts in one read where it can: TADrop asks for the agreement of each expert's top-k
+ * at the asked density, which tm_topk_select then tm_sign_agreement find in two reads, each
+ * bound by compute. Here the sample bracket's pass also forms the agreement flags (AVX-512, as
+ * sign_agreement_range_avx512): entries above an expert's bracket are kept whatever the
+ * threshold turns out to be, so their agreements are counted on the spot; the bracket's
+ * candidates are stored with their flag in bit 31 (|τ| bits never set it). Once the bracket
+ * resolves the threshold, the flags of the candidates it keeps (greater, then the first `need`
+ * ties in flat order, as apply_keep keeps them) are added. Where that cannot work (no AVX-512,
+ * a small tensor, a bracket that misses or overflows its buffers) the two reads run instead.
+ */
+#ifdef TM_AVX512_SCAN
+__attribute__((target("avx512f"))) static void sign_agreement_bracket_range_avx512(
+    const tm_args *a, int64_t start, int64_t end, const tm_bracket *br, tm_bucket *buckets, uint32_t *restrict runs,
+    int64_t *restrict counts) {
+    const int n = a->n_experts, audit = a->input_nonfinite != NULL;
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), flag = _mm512_set1_epi32((int)0x80000000u);
+    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t agree[TM_MAX_EXPERTS] = {0}, nonzero[TM_MAX_EXPERTS] = {0}, bad = 0;
+    __m512 tau[TM_MAX_EXPERTS];
+    __m512d wide_lo[TM_MAX_EXPERTS], wide_hi[TM_MAX_EXPERTS];
+    for (int64_t s = start; s < end; s += TM_BLOCK) {
+        const int m = block_len(s, end);
+        int found[TM_MAX_EXPERTS] = {0};
+        uint32_t above[TM_MAX_EXPERTS] = {0};
+        for (int j = 0; j < m; j += 16) {
+            const __mmask16 live = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
+            const __m512 b = load16_avx512(a->base, a->base_dtype, s + j, live);
+            __m512d total_lo = _mm512_setzero_pd(), total_hi = _mm512_setzero_pd();
+            for (int i = 0; i < n; i++) {
+                const __m512 t = _mm512_sub_ps(load16_avx512(a->experts[i], a->expert_dtype[i], s + j, live), b);
+                tau[i] = t;
+                wide_lo[i] = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
+                wide_hi[i] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+                total_lo = _mm512_add_pd(total_lo, wide_lo[i]);
+                total_hi = _mm512_add_pd(total_hi, wide_hi[i]);
+                nonzero[i] += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(live, t, zero, _CMP_NEQ_UQ));
+            }
+            if (audit) {
+                const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_lo), exponent64), exponent64);
+                const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_hi), exponent64), exponent64);
+                bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
+            }
+            for (int i = 0; i < n; i++) {
+                const __m512 t = tau[i];
+                const __mmask16 up = _mm512_mask_cmp_ps_mask(live, t, zero, _CMP_GT_OQ);
+                const __mmask16 down = _mm512_mask_cmp_ps_mask(live, t, zero, _CMP_LT_OQ);
+                const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
+                                                       _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
+                const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
+                                                         _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
+                const __mmask16 agrees = _mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down));
+                if (a->keep_mode[i] != KEEP_TOPK) { /* KEEP_ALL */
+                    agree[i] += __builtin_popcount((unsigned)agrees);
+                    continue;
+                }
+                const __m512i v = _mm512_and_si512(_mm512_castps_si512(t), magnitude);
+                const __mmask16 over = _mm512_mask_cmpgt_epu32_mask(live, v, _mm512_set1_epi32((int)br[i].hi));
+                const __mmask16 inside = _mm512_mask_cmple_epu32_mask(
+                    live, _mm512_sub_epi32(v, _mm512_set1_epi32((int)br[i].lo)), _mm512_set1_epi32((int)(br[i].hi - br[i].lo)));
+                above[i] += (uint32_t)__builtin_popcount((unsigned)over);
+                agree[i] += __builtin_popcount((unsigned)_mm512_kand(over, agrees));
+                uint32_t *u = runs + (size_t)i * (TM_BLOCK + 16);
+                _mm512_storeu_si512((void *)(u + found[i]),
+                                    _mm512_maskz_compress_epi32(inside, _mm512_mask_or_epi32(v, agrees, v, flag)));
+                found[i] += __builtin_popcount((unsigned)inside);
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            if (a->keep_mode[i] != KEEP_TOPK) continue;
+            tm_bucket *bk = &buckets[i];
+            const uint32_t *u = runs + (size_t)i * (TM_BLOCK + 16);
+            const uint32_t l = br[i].lo;
+            const int32_t shift = br[i].shift;
+            bk->above += above[i];
+            uint32_t *restrict hist = bk->hist;
+            for (int q = 0; q < found[i]; q++) hist[((u[q] & 0x7FFFFFFFu) - l) >> shift]++;
+            const int64_t room = bk->cap - bk->count;
+            if (room > 0) memcpy(bk->buf + bk->count, u, (size_t)(found[i] < room ? found[i] : room) * sizeof(uint32_t));
+            bk->count += found[i];
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        counts[2 * i] = agree[i];
+        counts[2 * i + 1] = nonzero[i];
+    }
+    counts[2 * n] = bad;
+}
+#endif
+
+/* The two reads: tm_topk_select, then tm_sign_agreement with its thresholds. */
+static int sign_agreement_two_reads(const tm_args *a_in, const int64_t *k, uint32_t flags, int64_t *agree,
+                                    int64_t *nonzero) {
+    tm_args a = *a_in;
+    const int n = a.n_experts;
+    uint32_t which = 0;
+    for (int i = 0; i < n; i++)
+        if (a.keep_mode[i] == KEEP_TOPK) which |= 1u << i;
+    const int32_t segments = tm_segment_count(a.numel, a.n_threads);
+    int64_t *seg_ties = calloc((size_t)segments * n, sizeof(int64_t));
+    if (!seg_ties) return TM_ENOMEM;
+    float thr[TM_MAX_EXPERTS] = {0};
+    int64_t greater[TM_MAX_EXPERTS] = {0}, tied[TM_MAX_EXPERTS] = {0};
+    int rc = which ? tm_topk_select(&a, which, k, thr, greater, tied, seg_ties, flags, NULL) : TM_OK;
+    if (rc == TM_OK) {
+        for (int i = 0; i < n; i++)
+            if ((which >> i) & 1u) {
+                a.threshold[i] = thr[i];
+                a.need[i] = k[i] - greater[i];
+                a.tied[i] = tied[i];
+            }
+        a.seg_ties = seg_ties;
+        a.n_segments = segments;
+        rc = tm_sign_agreement(&a, agree, nonzero);
+    }
+    free(seg_ties);
+    return rc;
+}
+
+/*
+ * agree[i], nonzero[i] as tm_sign_agreement for the top-k[i] of each KEEP_TOPK expert (KEEP_ALL:
+ * every entry); *reads gets 1 when one read sufficed, 2 otherwise. flags are TM_SELECT_* (tests).
+ */
+int tm_sign_agreement_topk(const tm_args *a, const int64_t *k, uint32_t flags, int64_t *agree, int64_t *nonzero,
+                           int32_t *reads) {
+    int rc = check_args(a);
+    if (rc) return rc;
+    const int n = a->n_experts;
+    *reads = 2;
+    for (int i = 0; i < n; i++) {
+        if (a->keep_mode[i] != KEEP_TOPK && a->keep_mode[i] != KEEP_ALL) return TM_EINVAL;
+        if (a->keep_mode[i] == KEEP_TOPK && (k[i] < 1 || k[i] > a->numel)) return TM_ERANGE;
+        agree[i] = nonzero[i] = 0;
+    }
+    if (a->numel == 0 || n == 0) return TM_OK;
+    if (!a->subtract_base || !valid_dtype(a->base_dtype)) return TM_EINVAL;
+#ifdef TM_AVX512_SCAN
+    const int64_t numel = a->numel;
+    const int32_t segments = tm_segment_count(numel, a->n_threads);
+    int sel[TM_MAX_EXPERTS], ns = 0;
+    for (int i = 0; i < n; i++)
+        if (a->keep_mode[i] == KEEP_TOPK) sel[ns++] = i;
+    if (!have_avx512() || (flags & TM_SELECT_NO_SAMPLE) || (segments == 1 && numel <= TM_SMALL_SELECT))
+        return sign_agreement_two_reads(a, k, flags, agree, nonzero);
+    tm_bracket br[TM_MAX_EXPERTS];
+    int64_t expected[TM_MAX_EXPERTS] = {0};
+    rc = sample_brackets(a, sel, ns, k, flags, br, expected);
+    if (rc) return rc;
+    for (int q = 0; q < ns; q++) {
+        const int i = sel[q];
+        br[i].shift = bracket_shift(br[i].lo, br[i].hi);
+        if (expected[i] >= numel / 2) /* a bracket too wide to buffer: the histograms' two reads */
+            return sign_agreement_two_reads(a, k, flags, agree, nonzero);
+    }
+    tm_bucket *buckets = calloc((size_t)segments * n, sizeof(tm_bucket));
+    int64_t *counts = calloc((size_t)segments * (2 * n + 1), sizeof(int64_t));
+    int failed = !buckets || !counts;
+    if (!failed) {
+#pragma omp parallel num_threads(thread_count(a, segments))
+        {
+            uint32_t *runs = malloc((size_t)n * (TM_BLOCK + 16) * sizeof(uint32_t));
+#pragma omp for schedule(dynamic, 1)
+            for (int32_t s = 0; s < segments; s++) {
+                tm_bucket *bk = buckets + (size_t)s * n;
+                int ok = runs != NULL;
+                for (int q = 0; q < ns && ok; q++) {
+                    const int i = sel[q];
+                    bk[i].cap = (flags & TM_SELECT_TINY) ? 64 : 2 * expected[i] / segments + 4096;
+                    bk[i].buf = malloc((size_t)bk[i].cap * sizeof(uint32_t));
+                    bk[i].hist = calloc(TM_BRACKET_BINS, sizeof(uint32_t));
+                    ok = bk[i].buf && bk[i].hist;
+                }
+                if (!ok) {
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                int64_t start, end;
+                segment_range(numel, segments, s, &start, &end);
+                sign_agreement_bracket_range_avx512(a, start, end, br, bk, runs, counts + (size_t)s * (2 * n + 1));
+            }
+            free(runs);
+        }
+    }
+    int resolved = !failed;
+    float thr[TM_MAX_EXPERTS] = {0};
+    int64_t greater[TM_MAX_EXPERTS] = {0}, tied[TM_MAX_EXPERTS] = {0};
+    int64_t *seg_ties = resolved ? calloc((size_t)segments * n, sizeof(int64_t)) : NULL;
+    int64_t *kept_agree = resolved ? calloc((size_t)segments * n, sizeof(int64_t)) : NULL;
+    if (resolved && (!seg_ties || !kept_agree)) failed = 1, resolved = 0;
+    for (int q = 0; q < ns && resolved; q++) {
+        const int i = sel[q];
+        int64_t above = 0, count = 0, overflow = 0;
+        for (int32_t s = 0; s < segments; s++) {
+            const tm_bucket *bk = &buckets[(size_t)s * n + i];
+            above += bk->above;
+            count += bk->count;
+            overflow |= bk->count > bk->cap;
+        }
+        /* a missed bracket, or one whose candidates (and flags) did not all fit in the buffers */
+        if (above >= k[i] || above + count < k[i] || overflow) {
+            resolved = 0;
+            break;
+        }
+        int narrow = 0, bin = -1;
+        rc = resolve_bracket(n, i, segments, &br[i], buckets, k[i], thr, greater, tied, seg_ties, &narrow, &bin);
+        if (rc == TM_ENOMEM) failed = 1;
+        if (rc || narrow) resolved = 0;
+    }
+    if (resolved) {
+        for (int32_t s = 0; s < segments; s++) {
+            const int64_t *c = counts + (size_t)s * (2 * n + 1);
+            for (int i = 0; i < n; i++) {
+                agree[i] += c[2 * i];
+                nonzero[i] += c[2 * i + 1];
+            }
+            if (a->input_nonfinite) *a->input_nonfinite += c[2 * n];
+        }
+        /* the ties each segment keeps (-1: all), the first `need` in flat order, as segment_budgets */
+        for (int q = 0; q < ns; q++) {
+            const int i = sel[q];
+            int64_t left = k[i] - greater[i];
+            for (int32_t s = 0; s < segments; s++) {
+                int64_t *here = &seg_ties[(size_t)s * n + i];
+                const int64_t take = *here < left ? *here : left;
+                left -= take;
+                *here = take == *here ? -1 : take;
+            }
+        }
+        /* the flags of the kept candidates: above the threshold (as bits: a NaN's flag is 0),
+           then the segment's ties in index order */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(a, segments))
+        for (int32_t s = 0; s < segments; s++)
+            for (int q = 0; q < ns; q++) {
+                const int i = sel[q];
+                const tm_bucket *bk = &buckets[(size_t)s * n + i];
+                const uint32_t t = float_to_bits(thr[i]), *restrict buf = bk->buf;
+                int64_t take = seg_ties[(size_t)s * n + i];
+                uint32_t count = 0; /* 32-bit lanes; a segment's candidates fit */
+                if (take < 0)
+                    for (int64_t j = 0; j < bk->count; j++) count += ((buf[j] & 0x7FFFFFFFu) >= t) & (buf[j] >> 31);
+                else
+                    for (int64_t j = 0; j < bk->count; j++) count += ((buf[j] & 0x7FFFFFFFu) > t) & (buf[j] >> 31);
+                int64_t extra = 0;
+                for (int64_t j = 0; j < bk->count && take > 0; j++)
+                    if ((buf[j] & 0x7FFFFFFFu) == t) {
+                        extra += buf[j] >> 31;
+                        take--;
+                    }
+                kept_agree[(size_t)s * n + i] = (int64_t)count + extra;
+            }
+        for (int32_t s = 0; s < segments; s++)
+            for (int q = 0; q < ns; q++) agree[sel[q]] += kept_agree[(size_t)s * n + sel[q]];
+        *reads = 1;
+    }
+    free(seg_ties);
+    free(kept_agree);
+    if (buckets)
+        for (size_t q = 0; q < (size_t)segments * n; q++) {
+            free(buckets[q].buf);
+            free(buckets[q].hist);
+        }
+    free(buckets);
+    free(counts);
+    if (failed) return TM_ENOMEM;
+    if (!resolved) return sign_agreement_two_reads(a, k, flags, agree, nonzero);
+    return TM_OK;
+#else
+    return sign_agreement_two_reads(a, k, flags, agree, nonzero);
+#endif
 }
 
 /* LwPTV's sign_conflict: per expert, the entries where sign(τᵢ) opposes / agrees with the sign
