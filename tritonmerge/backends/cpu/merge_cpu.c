@@ -1461,9 +1461,12 @@ __attribute__((target("avx512f"))) static inline __m512 load16_avx512(const void
 /*
  * tm_sign_agreement_range with AVX-512, 16 entries at a time straight from the inputs: τ as
  * load_tau forms it, the float64 sum in expert order, the keep rule as apply_keep applies it
- * (ties consumed from the segment's budget in flat order) and the sign of others = total − mine
- * from the same subtraction, so the counts are the portable loop's. That loop spends most of its
- * time copying τ, zeroing what the rule drops and widening it again; this one keeps masks.
+ * (ties consumed from the segment's budget in flat order) and others = total − mine from the
+ * same subtraction, so the counts are the portable loop's. The signs agree where the float64
+ * product mine · others is > 0: each factor is 0 or at least 2^-149 in size (τ and the sums are
+ * multiples of it, and far below 2^512), so the product neither underflows nor overflows, and a NaN
+ * compares false. The portable loop spends most of its time copying τ, zeroing what the rule
+ * drops and widening it again; this one keeps masks.
  */
 __attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const tm_args *a, int64_t start, int64_t end,
                                                                              int64_t *restrict budget, int64_t *restrict counts) {
@@ -1512,15 +1515,10 @@ __attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const
                     if (budget[i] == 0) every_tie[i] = 0;
                 }
             }
-            /* others = total − mine > 0 exactly when total > mine: a difference of sums of
-               floats is never a float64 subnormal, so no flush can make it 0 */
-            const __mmask16 up = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_GT_OQ);
-            const __mmask16 down = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_LT_OQ);
-            const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
-                                                   _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
-            const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
-                                                     _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
-            agree[i] += __builtin_popcount((unsigned)_mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down)));
+            const __mmask16 agrees = _mm512_kunpackb(
+                _mm512_cmp_pd_mask(_mm512_mul_pd(wide_hi[i], _mm512_sub_pd(total_hi, wide_hi[i])), zerod, _CMP_GT_OQ),
+                _mm512_cmp_pd_mask(_mm512_mul_pd(wide_lo[i], _mm512_sub_pd(total_lo, wide_lo[i])), zerod, _CMP_GT_OQ));
+            agree[i] += __builtin_popcount((unsigned)_mm512_kand(keep, agrees));
         }
     }
     for (int i = 0; i < n; i++) {
@@ -1682,13 +1680,11 @@ __attribute__((target("avx512f"))) static void sign_agreement_bracket_range_avx5
             }
             for (int i = 0; i < n; i++) {
                 const __m512 t = tau[i];
-                const __mmask16 up = _mm512_mask_cmp_ps_mask(live, t, zero, _CMP_GT_OQ);
-                const __mmask16 down = _mm512_mask_cmp_ps_mask(live, t, zero, _CMP_LT_OQ);
-                const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
-                                                       _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
-                const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
-                                                         _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
-                const __mmask16 agrees = _mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down));
+                /* mine · others > 0, as in sign_agreement_range_avx512 */
+                const __m512d sign_lo = _mm512_mul_pd(wide_lo[i], _mm512_sub_pd(total_lo, wide_lo[i]));
+                const __m512d sign_hi = _mm512_mul_pd(wide_hi[i], _mm512_sub_pd(total_hi, wide_hi[i]));
+                const __mmask16 agrees = _mm512_kand(live, _mm512_kunpackb(_mm512_cmp_pd_mask(sign_hi, _mm512_setzero_pd(), _CMP_GT_OQ),
+                                                                           _mm512_cmp_pd_mask(sign_lo, _mm512_setzero_pd(), _CMP_GT_OQ)));
                 if (a->keep_mode[i] != KEEP_TOPK) { /* KEEP_ALL */
                     agree[i] += __builtin_popcount((unsigned)agrees);
                     continue;
@@ -1916,9 +1912,8 @@ int tm_sign_agreement_topk(const tm_args *a, const int64_t *k, uint32_t flags, i
 #ifdef TM_AVX512_SCAN
 /*
  * tm_sign_counts_range with AVX-512, 16 entries at a time: τ = e − b in float64 (exact), the
- * sum in expert order, and the signs compared without forming others = total − mine: a
- * difference of these sums is a multiple of 2^-149, never a float64 subnormal, so it is > 0
- * exactly when total > mine (and the sign of τ is that of its float32 rounding).
+ * sum in expert order, others = total − mine from the same subtraction, and the two signs
+ * compared through the sign of mine · others (see sign_agreement_range_avx512).
  */
 __attribute__((target("avx512f"))) static void sign_counts_range_avx512(const tm_args *a, int64_t start, int64_t end,
                                                                           int64_t *restrict counts) {
@@ -1946,16 +1941,14 @@ __attribute__((target("avx512f"))) static void sign_counts_range_avx512(const tm
             bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
         }
         for (int i = 0; i < n; i++) {
-            const __mmask16 up = _mm512_kunpackb(_mm512_cmp_pd_mask(wide_hi[i], zerod, _CMP_GT_OQ),
-                                                 _mm512_cmp_pd_mask(wide_lo[i], zerod, _CMP_GT_OQ));
-            const __mmask16 down = _mm512_kunpackb(_mm512_cmp_pd_mask(wide_hi[i], zerod, _CMP_LT_OQ),
-                                                   _mm512_cmp_pd_mask(wide_lo[i], zerod, _CMP_LT_OQ));
-            const __mmask16 o_up = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_GT_OQ),
-                                                   _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_GT_OQ));
-            const __mmask16 o_down = _mm512_kunpackb(_mm512_cmp_pd_mask(total_hi, wide_hi[i], _CMP_LT_OQ),
-                                                     _mm512_cmp_pd_mask(total_lo, wide_lo[i], _CMP_LT_OQ));
-            conflict[i] += __builtin_popcount((unsigned)_mm512_kand(live, _mm512_kor(_mm512_kand(up, o_down), _mm512_kand(down, o_up))));
-            agree[i] += __builtin_popcount((unsigned)_mm512_kand(live, _mm512_kor(_mm512_kand(up, o_up), _mm512_kand(down, o_down))));
+            const __m512d sign_lo = _mm512_mul_pd(wide_lo[i], _mm512_sub_pd(total_lo, wide_lo[i]));
+            const __m512d sign_hi = _mm512_mul_pd(wide_hi[i], _mm512_sub_pd(total_hi, wide_hi[i]));
+            const __mmask16 opposes = _mm512_kunpackb(_mm512_cmp_pd_mask(sign_hi, zerod, _CMP_LT_OQ),
+                                                      _mm512_cmp_pd_mask(sign_lo, zerod, _CMP_LT_OQ));
+            const __mmask16 agrees = _mm512_kunpackb(_mm512_cmp_pd_mask(sign_hi, zerod, _CMP_GT_OQ),
+                                                     _mm512_cmp_pd_mask(sign_lo, zerod, _CMP_GT_OQ));
+            conflict[i] += __builtin_popcount((unsigned)_mm512_kand(live, opposes));
+            agree[i] += __builtin_popcount((unsigned)_mm512_kand(live, agrees));
         }
     }
     for (int i = 0; i < n; i++) {
