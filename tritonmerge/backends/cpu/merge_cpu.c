@@ -1459,6 +1459,44 @@ __attribute__((target("avx512f"))) static inline __m512 load16_avx512(const void
 }
 
 /*
+ * τ of 16 entries for every expert, as load_tau forms it, into tau (and widened to float64 in
+ * wide_lo / wide_hi), their float64 sum in expert order into total_lo / total_hi, the non-zero
+ * entries added to nonzero[i]; with audit, returns the entries (of `live`) whose sum is NaN/Inf.
+ */
+__attribute__((target("avx512f"), always_inline)) static inline unsigned taus16_avx512(
+    const tm_args *a, int64_t at, __mmask16 live, __m512 *restrict tau, __m512d *restrict wide_lo,
+    __m512d *restrict wide_hi, __m512d *total_lo, __m512d *total_hi, int64_t *restrict nonzero, int audit) {
+    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
+    const __m512 b = load16_avx512(a->base, a->base_dtype, at, live);
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    for (int i = 0; i < a->n_experts; i++) {
+        const __m512 t = _mm512_sub_ps(load16_avx512(a->experts[i], a->expert_dtype[i], at, live), b);
+        tau[i] = t;
+        wide_lo[i] = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
+        wide_hi[i] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+        lo = _mm512_add_pd(lo, wide_lo[i]);
+        hi = _mm512_add_pd(hi, wide_hi[i]);
+        nonzero[i] += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(live, t, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    *total_lo = lo;
+    *total_hi = hi;
+    if (!audit) return 0;
+    const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(lo), exponent64), exponent64);
+    const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(hi), exponent64), exponent64);
+    return (unsigned)__builtin_popcount((bad_lo | (bad_hi << 8)) & live);
+}
+
+/* Where mine and others = total − mine have the same sign: mine · others > 0 (see
+   sign_agreement_range_avx512). */
+__attribute__((target("avx512f"), always_inline)) static inline __mmask16 agrees16_avx512(__m512d total_lo, __m512d total_hi,
+                                                                                        __m512d mine_lo, __m512d mine_hi) {
+    const __m512d sign_lo = _mm512_mul_pd(mine_lo, _mm512_sub_pd(total_lo, mine_lo));
+    const __m512d sign_hi = _mm512_mul_pd(mine_hi, _mm512_sub_pd(total_hi, mine_hi));
+    return _mm512_kunpackb(_mm512_cmp_pd_mask(sign_hi, _mm512_setzero_pd(), _CMP_GT_OQ),
+                           _mm512_cmp_pd_mask(sign_lo, _mm512_setzero_pd(), _CMP_GT_OQ));
+}
+
+/*
  * tm_sign_agreement_range with AVX-512, 16 entries at a time straight from the inputs: τ as
  * load_tau forms it, the float64 sum in expert order, the keep rule as apply_keep applies it
  * (ties consumed from the segment's budget in flat order) and others = total − mine from the
@@ -1472,9 +1510,6 @@ __attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const
                                                                              int64_t *restrict budget, int64_t *restrict counts) {
     const int n = a->n_experts, audit = a->input_nonfinite != NULL;
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
-    const __m512 zero = _mm512_setzero_ps();
-    const __m512d zerod = _mm512_setzero_pd();
     int64_t agree[TM_MAX_EXPERTS] = {0}, nonzero[TM_MAX_EXPERTS] = {0}, bad = 0;
     __m512 tau[TM_MAX_EXPERTS];
     __m512d wide_lo[TM_MAX_EXPERTS], wide_hi[TM_MAX_EXPERTS];
@@ -1482,22 +1517,8 @@ __attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const
     for (int i = 0; i < n; i++) every_tie[i] = budget[i] < 0 ? (__mmask16)0xFFFF : (__mmask16)0;
     for (int64_t j = start; j < end; j += 16) {
         const __mmask16 live = end - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - j)) - 1u);
-        const __m512 b = load16_avx512(a->base, a->base_dtype, j, live);
-        __m512d total_lo = zerod, total_hi = zerod;
-        for (int i = 0; i < n; i++) {
-            const __m512 t = _mm512_sub_ps(load16_avx512(a->experts[i], a->expert_dtype[i], j, live), b);
-            tau[i] = t;
-            wide_lo[i] = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
-            wide_hi[i] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
-            total_lo = _mm512_add_pd(total_lo, wide_lo[i]);
-            total_hi = _mm512_add_pd(total_hi, wide_hi[i]);
-            nonzero[i] += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(live, t, zero, _CMP_NEQ_UQ));
-        }
-        if (audit) {
-            const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_lo), exponent64), exponent64);
-            const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_hi), exponent64), exponent64);
-            bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
-        }
+        __m512d total_lo, total_hi;
+        bad += taus16_avx512(a, j, live, tau, wide_lo, wide_hi, &total_lo, &total_hi, nonzero, audit);
         for (int i = 0; i < n; i++) {
             const __m512 t = tau[i];
             __mmask16 keep = live;
@@ -1515,9 +1536,7 @@ __attribute__((target("avx512f"))) static void sign_agreement_range_avx512(const
                     if (budget[i] == 0) every_tie[i] = 0;
                 }
             }
-            const __mmask16 agrees = _mm512_kunpackb(
-                _mm512_cmp_pd_mask(_mm512_mul_pd(wide_hi[i], _mm512_sub_pd(total_hi, wide_hi[i])), zerod, _CMP_GT_OQ),
-                _mm512_cmp_pd_mask(_mm512_mul_pd(wide_lo[i], _mm512_sub_pd(total_lo, wide_lo[i])), zerod, _CMP_GT_OQ));
+            const __mmask16 agrees = agrees16_avx512(total_lo, total_hi, wide_lo[i], wide_hi[i]);
             agree[i] += __builtin_popcount((unsigned)_mm512_kand(keep, agrees));
         }
     }
@@ -1651,8 +1670,6 @@ __attribute__((target("avx512f"))) static void sign_agreement_bracket_range_avx5
     int64_t *restrict counts) {
     const int n = a->n_experts, audit = a->input_nonfinite != NULL;
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), flag = _mm512_set1_epi32((int)0x80000000u);
-    const __m512i exponent64 = _mm512_set1_epi64(0x7FF0000000000000LL);
-    const __m512 zero = _mm512_setzero_ps();
     int64_t agree[TM_MAX_EXPERTS] = {0}, nonzero[TM_MAX_EXPERTS] = {0}, bad = 0;
     __m512 tau[TM_MAX_EXPERTS];
     __m512d wide_lo[TM_MAX_EXPERTS], wide_hi[TM_MAX_EXPERTS];
@@ -1662,29 +1679,11 @@ __attribute__((target("avx512f"))) static void sign_agreement_bracket_range_avx5
         uint32_t above[TM_MAX_EXPERTS] = {0};
         for (int j = 0; j < m; j += 16) {
             const __mmask16 live = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
-            const __m512 b = load16_avx512(a->base, a->base_dtype, s + j, live);
-            __m512d total_lo = _mm512_setzero_pd(), total_hi = _mm512_setzero_pd();
-            for (int i = 0; i < n; i++) {
-                const __m512 t = _mm512_sub_ps(load16_avx512(a->experts[i], a->expert_dtype[i], s + j, live), b);
-                tau[i] = t;
-                wide_lo[i] = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
-                wide_hi[i] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
-                total_lo = _mm512_add_pd(total_lo, wide_lo[i]);
-                total_hi = _mm512_add_pd(total_hi, wide_hi[i]);
-                nonzero[i] += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(live, t, zero, _CMP_NEQ_UQ));
-            }
-            if (audit) {
-                const unsigned bad_lo = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_lo), exponent64), exponent64);
-                const unsigned bad_hi = _mm512_cmpeq_epi64_mask(_mm512_and_epi64(_mm512_castpd_si512(total_hi), exponent64), exponent64);
-                bad += __builtin_popcount((bad_lo | (bad_hi << 8)) & live);
-            }
+            __m512d total_lo, total_hi;
+            bad += taus16_avx512(a, s + j, live, tau, wide_lo, wide_hi, &total_lo, &total_hi, nonzero, audit);
             for (int i = 0; i < n; i++) {
                 const __m512 t = tau[i];
-                /* mine · others > 0, as in sign_agreement_range_avx512 */
-                const __m512d sign_lo = _mm512_mul_pd(wide_lo[i], _mm512_sub_pd(total_lo, wide_lo[i]));
-                const __m512d sign_hi = _mm512_mul_pd(wide_hi[i], _mm512_sub_pd(total_hi, wide_hi[i]));
-                const __mmask16 agrees = _mm512_kand(live, _mm512_kunpackb(_mm512_cmp_pd_mask(sign_hi, _mm512_setzero_pd(), _CMP_GT_OQ),
-                                                                           _mm512_cmp_pd_mask(sign_lo, _mm512_setzero_pd(), _CMP_GT_OQ)));
+                const __mmask16 agrees = _mm512_kand(live, agrees16_avx512(total_lo, total_hi, wide_lo[i], wide_hi[i]));
                 if (a->keep_mode[i] != KEEP_TOPK) { /* KEEP_ALL */
                     agree[i] += __builtin_popcount((unsigned)agrees);
                     continue;
